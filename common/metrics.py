@@ -1,0 +1,114 @@
+"""Throughput, MFU and memory.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s / peak FLOP/s of the hardware.
+Achieved FLOP/s = tokens/s x training FLOPs per token (``GPT.flops_per_token``). Peak values are
+dense tensor-core numbers from the vendors' data sheets; on CPU the peak is measured with a matmul
+(or given with ``--peak-tflops``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Dense peak TFLOP/s per GPU by precision (SXM parts; fp32 without TF32).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "V100": {"fp16": 125.0, "fp32": 15.7},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+}
+
+_measured: dict[tuple[str, int], float] = {}
+
+
+def measure_cpu_tflops(dtype: torch.dtype = torch.float32, size: int = 512, seconds: float = 0.3) -> float:
+    """Matmul TFLOP/s of this process with its current thread count (cached)."""
+    key = (str(dtype), torch.get_num_threads())
+    if key not in _measured:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b  # warm up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        _measured[key] = 2 * size**3 * n / (time.perf_counter() - t0) / 1e12
+    return _measured[key]
+
+
+def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> tuple[float | None, str]:
+    """(peak TFLOP/s per device, where the number comes from); None if the GPU is not in the table."""
+    if override:
+        return override, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in PEAK_TFLOPS.items():
+            if key in name:
+                value = table.get(precision)
+                return value, f"{key} data sheet" if value else f"{key}: no {precision} peak"
+        return None, f"{name} not in the peak table (use --peak-tflops)"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return measure_cpu_tflops(dtype), f"measured {precision} matmul, {torch.get_num_threads()} thread(s)"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated GPU memory, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # DTensor: only this rank's shard
+    return t.numel() * t.element_size()
+
+
+def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Bytes this rank holds for parameters, gradients and optimizer state."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    out = {"params": sum(_local_bytes(p) for p in params),
+           "grads": sum(_local_bytes(p.grad) for p in params if p.grad is not None), "optim": 0}
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            out["optim"] += sum(_local_bytes(v) for v in state.values() if torch.is_tensor(v))
+    return out
+
+
+class Throughput:
+    """Tokens/s over the steps after the first (which includes warm-up and allocation)."""
+
+    def __init__(self):
+        self.tokens, self.seconds, self.steps = 0, 0.0, 0
+        self._t0 = None
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self, tokens: int) -> float:
+        dt = time.perf_counter() - self._t0
+        self.steps += 1
+        if self.steps > 1:
+            self.tokens += tokens
+            self.seconds += dt
+        return tokens / dt
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class JsonlLog:
+    """Append-only JSON-lines log (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
