@@ -1,0 +1,42 @@
+# Activate the Python environment of this project inside a Slurm job (or any shell).
+# Sourced by every sbatch template:   source 01_Basics/activate_env.sh
+# First match wins:
+#   1. $LLM_VENV               a virtual environment you name (export LLM_VENV=/path/to/venv)
+#   2. ./.venv                 the one `bash scripts/setup.sh` creates in the repository root
+#   3. conda env ${LLM_CONDA_ENV:-llm-across-platforms} (from environment.yml), after
+#      `module load $LLM_MODULES` when you set it, e.g. export LLM_MODULES="anaconda3 cuda/12.6"
+# Anything else stops the job with a message that says what to do.
+
+_llm_env_fail() {
+  echo "activate_env.sh: $*" >&2
+  echo "  Create the environment first (see 01_Basics/README.md): bash scripts/setup.sh," >&2
+  echo "  or: conda env create -f environment.yml, or export LLM_VENV=/path/to/venv." >&2
+  return 1
+}
+
+_llm_activate() {
+  local root=${SLURM_SUBMIT_DIR:-$PWD} name=${LLM_CONDA_ENV:-llm-across-platforms}
+  if [ -n "${LLM_VENV:-}" ]; then
+    [ -f "$LLM_VENV/bin/activate" ] || { _llm_env_fail "LLM_VENV=$LLM_VENV has no bin/activate"; return 1; }
+    . "$LLM_VENV/bin/activate"
+  elif [ -f "$root/.venv/bin/activate" ]; then
+    . "$root/.venv/bin/activate"
+  else
+    if [ -n "${LLM_MODULES:-}" ]; then
+      type module >/dev/null 2>&1 || { _llm_env_fail "LLM_MODULES is set but there is no 'module' command"; return 1; }
+      # shellcheck disable=SC2086
+      module load $LLM_MODULES || { _llm_env_fail "module load $LLM_MODULES failed"; return 1; }
+    fi
+    command -v conda >/dev/null 2>&1 || { _llm_env_fail "no .venv in $root and no conda"; return 1; }
+    eval "$(conda shell.bash hook)" && conda activate "$name" \
+      || { _llm_env_fail "conda env '$name' not found"; return 1; }
+  fi
+  echo "python: $(command -v python) ($(python --version 2>&1))"
+}
+
+# venv and conda scripts are not written for `set -u`: relax it while activating
+case $- in *u*) _llm_u=1; set +u ;; *) _llm_u=0 ;; esac
+_llm_activate; _llm_rc=$?
+[ "$_llm_u" = 1 ] && set -u
+unset -f _llm_activate _llm_env_fail
+[ "$_llm_rc" = 0 ] || exit "$_llm_rc"
