@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from common.config import TrainConfig  # noqa: E402
 from common.trainer import (  # noqa: E402
-    build_model, build_optimizer, loss_fn, micro_batches, run_main, sample_text, setup, train,
+    build_model,
+    build_optimizer,
+    loss_fn,
+    micro_batches,
+    run_main,
+    sample_text,
+    setup,
+    train,
 )
 
 

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+import tomllib
+
+from common.errors import UserError
 from common.model import MODEL_PRESETS, ModelConfig, model_config
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
+__all__ = ["TrainConfig", "UserError", "load_config", "make_config", "TRAIN_PRESETS"]
 
 
 def doc(text: str, default=MISSING, **kw):

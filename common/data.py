@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from common.config import UserError
+from common.errors import UserError
 
 EOT = "<|endoftext|>"
 VAL_FRACTION = 0.05
@@ -107,9 +106,9 @@ class Tokenizer:
         self.path = Path(path)
         self.tok = HFTokenizer.from_file(str(path))
         self.eot_id = self.tok.token_to_id(EOT)
+        meta_file = self.path.parent / "meta.json"
         if self.eot_id is None:  # an existing tokenizer with another end-of-text token
-            meta = json.loads((self.path.parent / "meta.json").read_text()) if (self.path.parent / "meta.json").exists() else {}
-            self.eot_id = meta.get("eot_id", 0)
+            self.eot_id = json.loads(meta_file.read_text()).get("eot_id", 0) if meta_file.exists() else 0
 
     @property
     def vocab_size(self) -> int:
@@ -225,6 +224,8 @@ def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bo
 def prepare(source: str = "shakespeare", data_dir: str | Path = "data", tokenizer: str = "bpe",
             vocab_size: int = 4096, progress: bool = True) -> TokenData:
     """Build (once, under a file lock) or open the token shards for ``source``."""
+    if source != "shakespeare" and not source.startswith("hf:") and not Path(source).exists():
+        raise UserError(f"data not found: {source!r} is neither 'shakespeare', 'hf:NAME' nor an existing path")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     final = data_dir / _slug(source, tokenizer, vocab_size)
@@ -278,7 +279,7 @@ class Sampler:
             self._perm_epoch = epoch
         return self._perm[k * self.global_batch : (k + 1) * self.global_batch]
 
-    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, dp_rank: int = 0, dp_size: int = 1):
         """(inputs, targets) of shape (global_batch / dp_size, seq_len) for this rank."""
         if self.global_batch % dp_size:
             raise UserError(f"global batch {self.global_batch} is not divisible by {dp_size} data-parallel ranks")
@@ -286,6 +287,8 @@ class Sampler:
         ids = self.window_ids(step)[dp_rank * per : (dp_rank + 1) * per]
         shift = int(np.random.default_rng([self.seed, step // self.steps_per_epoch, 1]).integers(self.seq_len))
         rows = np.stack([self.tokens[i * self.seq_len + shift : (i + 1) * self.seq_len + shift + 1] for i in ids])
+        import torch  # imported here so that preparing data does not need torch
+
         rows = torch.from_numpy(rows.astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
 

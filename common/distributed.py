@@ -22,7 +22,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from common.config import UserError
+from common.errors import UserError
 
 log = logging.getLogger("llm")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.config import UserError
+from common.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

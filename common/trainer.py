@@ -62,11 +62,12 @@ class Run:
 
 def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambda world: world) -> Run:
     """Initialise processes, precision and data. ``dp_size(world)`` = number of data-parallel replicas."""
-    info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
-    dp = dp_size(info.world_size)
+    _, world, _, _ = distributed.env_ranks()
+    dp = dp_size(world)  # may raise a layout error: before any collective can hang
     if cfg.batch_size % dp:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dp} data-parallel ranks; "
                         f"use a multiple of {dp}")
+    info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
     precision = choose_precision(cfg.precision, info.device)
     out_dir = Path(cfg.out_dir or f"runs/{strategy}-{cfg.preset}")
     if info.is_main:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up .venv with the test tools and run the whole test suite (lint + pytest). Extra arguments go
+# to pytest, e.g.  bash scripts/test.sh -k ddp
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== pytest"
+exec .venv/bin/python -m pytest tests "$@"

@@ -1,0 +1,133 @@
+"""DDP on 2 gloo processes == 1 process on the same global batch; checkpoint/resume; summary; errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, load_script, torchrun
+
+from common.config import load_config, make_config
+from common.errors import UserError
+
+ddp = load_script("03_LLM_Training_on_GPU/ddp.py")
+COMMON = dict(preset="tiny", batch_size=8, micro_batch_size=4, seq_len=64, log_interval=5, eval_interval=10,
+              eval_batches=2, sample_tokens=0, progress=False, seed=7)
+
+
+def run_single(tmp_path, name, data_dir, **kw):
+    cfg = make_config(**{**COMMON, "max_steps": 20, "data_dir": str(data_dir), "out_dir": str(tmp_path / name), **kw})
+    return ddp.main(cfg)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path, data_dir):
+    """fp32, 20 steps: max |loss_1proc - loss_2proc| <= 1e-5 (measured here ~1e-7 or exactly 0)."""
+    single = run_single(tmp_path, "one", data_dir)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in COMMON.items() if not isinstance(v, bool)]
+    torchrun(2, "03_LLM_Training_on_GPU/ddp.py", *args, "--no-progress", "--max-steps=20",
+             f"--data-dir={data_dir}", f"--out-dir={tmp_path / 'two'}")
+    multi = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert multi["world_size"] == 2 and single["world_size"] == 1
+    assert len(multi["losses"]) == len(single["losses"]) == 20
+    diff = max(abs(a - b) for a, b in zip(single["losses"], multi["losses"]))
+    assert diff <= 1e-5, diff
+    assert abs(single["val_loss"] - multi["val_loss"]) <= 1e-5
+    assert multi["losses"][-1] < multi["losses"][0] - 1.0  # it actually learns
+    log = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21)) and "val_loss" in log[9]
+
+
+def test_summary_and_outputs(tmp_path, data_dir):
+    s = run_single(tmp_path, "run", data_dir, max_steps=6, sample_tokens=20)
+    for key in ("final_loss", "val_loss", "tokens_per_s", "mfu", "peak_memory_bytes", "world_size", "strategy",
+                "precision", "device"):
+        assert key in s, key
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["final_loss"] == s["final_loss"] and s["strategy"] == "ddp" and s["precision"] == "fp32"
+    assert s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1 and s["peak_memory_bytes"] > 0
+    mem = s["memory_per_rank"][0]
+    assert 0 <= mem["optim"] - 2 * mem["params"] < 1000  # AdamW: 2 moments (+ a step counter per tensor)
+    assert s["sample"].startswith("ROMEO:") and len(s["sample"]) > len("ROMEO:\n")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_000006"
+
+
+def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, data_dir, monkeypatch):
+    """SIGUSR1 mid-run -> checkpoint + stop; --resume continues; losses equal an uninterrupted run."""
+    straight = run_single(tmp_path, "straight", data_dir)
+    from common import data as data_mod
+
+    original = data_mod.Sampler.batch
+
+    def batch_with_signal(self, step, *a):
+        if step == 9 and self.tokens is not None and len(self.tokens) > 1_000_000:  # training sampler
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, step, *a)
+
+    monkeypatch.setattr(data_mod.Sampler, "batch", batch_with_signal)
+    first = run_single(tmp_path, "split", data_dir)
+    assert first == {"preempted": True, "step": 10}
+    assert not (tmp_path / "split" / "summary.json").exists()
+    monkeypatch.setattr(data_mod.Sampler, "batch", original)
+    resumed = run_single(tmp_path, "split", data_dir, resume=True)
+    assert len(resumed["losses"]) == 20
+    diff = max(abs(a - b) for a, b in zip(straight["losses"], resumed["losses"]))
+    assert diff <= 1e-6, diff
+    assert abs(straight["val_loss"] - resumed["val_loss"]) <= 1e-6
+
+
+def test_periodic_checkpoint_resume(tmp_path, data_dir):
+    """ckpt every 10 steps; rewinding 'latest' to step 10 and resuming reproduces steps 11-20."""
+    full = run_single(tmp_path, "p", data_dir, ckpt_interval=10)
+    ckpts = tmp_path / "p" / "checkpoints"
+    assert (ckpts / "step_000010").is_dir()
+    (ckpts / "latest").write_text("step_000010")
+    again = run_single(tmp_path, "p", data_dir, resume=True)
+    assert max(abs(a - b) for a, b in zip(full["losses"], again["losses"])) <= 1e-6
+
+
+def test_config_precedence(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('max_steps = 7\nlr = 0.01\n[model]\nn_layers = 2\n')
+    cfg = load_config(["--config", str(f), "--lr", "0.02", "--batch-size", "4"])
+    assert (cfg.max_steps, cfg.lr, cfg.batch_size, cfg.seq_len) == (7, 0.02, 4, 128)
+    assert cfg.model_config().n_layers == 2 and cfg.model_config().dim == 128
+    assert load_config(["--preset", "gpt2-small"]).seq_len == 1024
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["--preset", "huge"], {}, "unknown preset 'huge'"),
+    (["--data", "/no/such/corpus"], {}, "data not found"),
+    (["--batch-size", "5"], {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "not divisible by the 2"),
+    (["--device", "cuda"], {}, "no CUDA GPU"),
+    (["--precision", "fp8"], {}, "--precision must be"),
+    (["--config", "/no/file.toml"], {}, "config file not found"),
+])
+def test_bad_input_is_one_clear_line(argv, env, message, monkeypatch, capsys, tmp_path):
+    import torch
+
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:
+        from common.trainer import run_main
+
+        run_main(ddp.main, "", argv + ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_cli_error_from_a_real_process():
+    proc = subprocess.run([sys.executable, str(ROOT / "03_LLM_Training_on_GPU/ddp.py"), "--preset", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: unknown preset 'nope'; choose one of: tiny, gpt2-small, "
+                                                "gpt2-medium, llama-1b"]
+
+
+def test_make_config_rejects_unknown_keys():
+    with pytest.raises(UserError, match="unknown config keys"):
+        make_config(nonsense=1)
