@@ -117,3 +117,23 @@ class JsonlLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(losses: list[float], evals: list[list[float]], path: Path, title: str = "") -> Path:
+    """Training loss per step and validation loss points, as a PNG next to summary.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, label="train", lw=1)
+    if evals:
+        ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -26,7 +26,7 @@ from common import checkpoint, distributed
 from common.config import TrainConfig, UserError
 from common.data import Sampler, TokenData, prepare
 from common.distributed import DistInfo, log
-from common.metrics import JsonlLog, Throughput, memory_breakdown, peak_memory_bytes, peak_tflops
+from common.metrics import JsonlLog, Throughput, memory_breakdown, peak_memory_bytes, peak_tflops, plot_losses
 from common.model import GPT
 from common.precision import Precision, choose_precision, describe
 
@@ -254,6 +254,8 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
         summary["sample"] = text
     if info.is_main:
         (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        title = f"{run.strategy}, {cfg.preset}, {info.world_size} process(es)"
+        plot_losses(losses, evals, run.out_dir / "loss.png", title)
     return summary
 
 

@@ -131,3 +131,17 @@ def test_cli_error_from_a_real_process():
 def test_make_config_rejects_unknown_keys():
     with pytest.raises(UserError, match="unknown config keys"):
         make_config(nonsense=1)
+
+
+def test_loss_plot_and_hf_export_cli(tmp_path, data_dir):
+    """A finished run has loss.png, and `python -m common.hf export` turns its checkpoint into an HF folder."""
+    from transformers import AutoModelForCausalLM
+
+    from common.hf import main as hf_main
+
+    run_single(tmp_path, "e", data_dir, max_steps=3)
+    png = tmp_path / "e" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hf_main(["export", str(tmp_path / "e" / "checkpoints" / "step_000003"), str(tmp_path / "hf")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
