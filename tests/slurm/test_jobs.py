@@ -1,0 +1,146 @@
+"""The templates run for real on the local cluster, on CPU, one job after another.
+
+Only command-line overrides: partition, --time, --signal, NPROC_PER_NODE, and arguments for the
+training script (LLM_DEVICE=cpu is exported by the `cluster` fixture). Budget: a few minutes.
+"""
+
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+LOSS = re.compile(r"step (\d+)/\d+ \| loss ([0-9.]+)")
+# The requeue test compares with the one-node run: both use exactly these arguments and
+# 2 processes. It must train longer than the ~60 s after which the warning signal arrives.
+TRAIN_ARGS = ["--preset", "tiny", "--device", "cpu", "--seed", "1", "--log-interval", "10",
+              "--max-steps", "180"]  # fmt: skip
+
+
+def losses(log: str) -> list[tuple[int, float]]:
+    """(step, loss) pairs from rank 0's training log lines."""
+    return [(int(s), float(v)) for s, v in LOSS.findall(log)]
+
+
+def assert_ok(job):
+    assert job.state == "COMPLETED" and job.fields.get("ExitCode") == "0:0", job.describe()
+
+
+def assert_trains(job, steps: int):
+    curve = losses(job.log)
+    assert curve and curve[-1][0] == steps, f"no training up to step {steps}\n{job.describe()}"
+    assert curve[-1][1] < curve[0][1] - 0.5, f"loss did not decrease: {curve}"
+
+
+def summary(cluster, job) -> dict:
+    path = cluster.sandbox / "runs" / f"{job.fields['JobName']}-{job.id}" / "summary.json"
+    assert path.exists(), f"no {path}\n{job.describe()}"
+    return json.loads(path.read_text())
+
+
+def test_hello(cluster):
+    job = cluster.run("01_Basics/hello.slurm", "--time=2", timeout=120)
+    assert_ok(job)
+    assert "batch shell runs on: a100-" in job.log  # default partition, node's own hostname
+    assert "CUDA_VISIBLE_DEVICES=0" in job.log  # one (fake) GPU granted
+    assert "environment OK" in job.log and "hello from Slurm: done" in job.log
+
+
+def test_allreduce_two_nodes(cluster):
+    job = cluster.run("01_Basics/allreduce.slurm", "--time=3", args=["--size-mb", "8", "--iters", "5"],
+                      env={"NPROC_PER_NODE": "1"}, timeout=180)  # fmt: skip
+    assert_ok(job)
+    hosts = set(re.findall(r"rank \d/2 on (\S+) device cpu backend gloo", job.log))
+    assert hosts == {"a100-1", "a100-2"}, job.log
+    busbw = re.search(r"all_reduce ok \| world 2 .*busbw ([0-9.]+) GB/s", job.log)
+    assert busbw and float(busbw.group(1)) > 0, job.log
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(cluster):
+    """ddp.slurm on one node, uninterrupted (also the reference of the requeue test)."""
+    job = cluster.run("03_LLM_Training_on_GPU/ddp.slurm", "--time=10", args=TRAIN_ARGS,
+                      env={"NPROC_PER_NODE": "2"}, timeout=300)  # fmt: skip
+    assert_ok(job)
+    return job, summary(cluster, job)
+
+
+def test_ddp_one_node(ddp_reference):
+    job, result = ddp_reference
+    assert_trains(job, 180)
+    assert result["world_size"] == 2 and result["steps"] == 180
+    assert "(restart 0)" in job.log and "requeue" not in job.log
+
+
+def test_ddp_multinode_on_v100(cluster):
+    job = cluster.run("03_LLM_Training_on_GPU/ddp_multinode.slurm", "-p", "v100", "--time=10",
+                      args=["--preset", "tiny", "--max-steps", "40", "--log-interval", "10"],
+                      env={"NPROC_PER_NODE": "1"}, timeout=300)  # fmt: skip
+    assert_ok(job)
+    assert "on v100-[1-2]: head v100-1:" in job.log
+    assert_trains(job, 40)
+    assert summary(cluster, job)["world_size"] == 2
+
+
+def test_time_limit_checkpoint_requeue_resume(cluster, ddp_reference):
+    """--time=2 with the warning 60 s before the end: USR1 arrives 30-60 s after the start,
+    the trainer checkpoints, the job requeues itself, resumes and ends like the reference."""
+    t0 = time.monotonic()
+    job = cluster.run("03_LLM_Training_on_GPU/ddp.slurm", "--time=2", "--signal=B:USR1@60",
+                      args=TRAIN_ARGS, env={"NPROC_PER_NODE": "2"}, timeout=420)  # fmt: skip
+    assert_ok(job)
+    log = job.log
+    assert int(job.fields["Restarts"]) >= 1, job.describe()
+    assert "USR1: time limit near" in log and "requeueing job" in log, job.describe()
+    saved = [int(s) for s in re.findall(r"preempted: checkpoint saved at step (\d+)", log)]
+    assert saved and 0 < saved[0] < 180, job.describe()
+    assert "resumed from" in log and "(restart 1)" in log, job.describe()
+    ref = ddp_reference[1]
+    result = summary(cluster, job)
+    assert result["steps"] == 180
+    assert result["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-5), (result, ref)
+    print(f"requeue path: checkpoint at steps {saved}, total {time.monotonic() - t0:.0f} s")
+
+
+def fetch(url: str, port: str) -> tuple[int, str]:
+    """GET as a browser through the SSH tunnel would: to the node, with Host: localhost:<port>."""
+    request = urllib.request.Request(url, headers={"Host": f"localhost:{port}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except OSError:  # not listening yet (URLError is an OSError)
+        return 0, ""
+
+
+def test_jupyter_reachable_by_node_name(cluster):
+    venv = cluster.env["LLM_VENV"]
+    if subprocess.run([f"{venv}/bin/python", "-c", "import jupyterlab"]).returncode != 0:
+        pytest.skip(f"jupyterlab is not installed in {venv}")
+    job_id = cluster.sbatch("01_Basics/jupyter.slurm", "--time=3")
+    try:
+        deadline, m = time.monotonic() + 90, None
+        while not m and time.monotonic() < deadline:
+            log = cluster.log(job_id)
+            m = re.search(r"ssh -N -L (\d+):(\S+):\d+ \S+@\S+\n.*\n\s+(http://localhost:\d+/lab\?token=\w+)", log)
+            time.sleep(0.5)
+        assert m, f"no tunnel instructions\n{cluster.log(job_id)}"
+        port, node, url = m.groups()
+        assert node.startswith("a100-")
+        # from outside the job, by node name, as the SSH tunnel does
+        url = url.replace("localhost", node)
+        status = None
+        while time.monotonic() < deadline:
+            status, body = fetch(url, port)
+            if status == 200:
+                break
+            time.sleep(1)
+        assert status == 200 and "JupyterLab" in body, f"{url}: {status}\n{cluster.log(job_id)}"
+        assert fetch(f"http://{node}:{port}/api/contents", port)[0] == 403  # no token, no access
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    assert cluster.wait(job_id, timeout=60).state == "CANCELLED"
