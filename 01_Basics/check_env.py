@@ -26,7 +26,7 @@ OPTIONAL = (
 )  # fmt: skip
 
 
-def missing_required(names=REQUIRED) -> list[str]:
+def missing_required(names) -> list[str]:
     """Import each required module; return 'name: reason' for those that fail."""
     missing = []
     for name in names:
@@ -73,7 +73,7 @@ def torch_report() -> list[str]:
 def main() -> int:
     print(f"python       {platform.python_version()} ({sys.executable})")
     print(f"host         {platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs)")
-    missing = missing_required()
+    missing = missing_required(REQUIRED)
     if not any(m.startswith("torch:") for m in missing):
         try:
             print("\n".join(torch_report()))

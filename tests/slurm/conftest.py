@@ -125,4 +125,3 @@ def cluster(tmp_path_factory) -> Cluster:
         PYTHONUNBUFFERED="1",
     )
     return Cluster(sandbox, env)
-
