@@ -36,7 +36,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
   export DEBIAN_FRONTEND=noninteractive
   apt-cache show slurmctld >/dev/null 2>&1 || apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
-  [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  if [ "$made_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # 2. a clean slate: stop what a previous start left running
@@ -111,6 +111,7 @@ chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge
 chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   runuser -u munge -- munged || die "munged did not start"
+  touch "$STATE/munged.ours"  # stop.sh stops only a munged started here
 fi
 munge -n | unmunge >/dev/null || die "munge does not work"
 

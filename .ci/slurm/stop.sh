@@ -7,27 +7,33 @@ set -uo pipefail
 STATE=${SLURM_CI_DIR:-/var/tmp/llm-slurm-ci}
 [ "$(id -u)" = 0 ] || { echo "[slurm-ci] must run as root"; exit 1; }
 
-# kill a daemon by the pid in its pid file, then wait for it to go
-stop_pid() {
-  local f=$1 pid
-  [ -f "$f" ] || return 0
-  pid=$(cat "$f" 2>/dev/null) || return 0
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null || return 0
-  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-}
-
-if [ -d "$STATE" ]; then
-  scancel --quiet --full --user=root >/dev/null 2>&1 || true
-  for f in "$STATE"/slurmd-*.pid; do stop_pid "$f"; done
-  stop_pid "$STATE/slurmctld.pid"
-  # job processes left behind by killed slurmstepd (none expected)
-  for p in /proc/[0-9]*; do
-    exe=$(readlink "$p/exe" 2>/dev/null) || continue
-    case "$exe" in */slurmstepd) kill -9 "${p#/proc/}" 2>/dev/null ;; esac
-  done
+# daemons by the pids in their pid files: TERM all, wait up to 10 s, then KILL what is left
+# (munged only if start.sh started it)
+if [ -d "$STATE" ] && scontrol ping >/dev/null 2>&1; then
+  scancel --quiet --user=root >/dev/null 2>&1
+  for _ in $(seq 50); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
 fi
-stop_pid /run/munge/munged.pid
+pidfiles=("$STATE"/slurmd-*.pid "$STATE/slurmctld.pid")
+[ -f "$STATE/munged.ours" ] && pidfiles+=(/run/munge/munged.pid)
+pids=()
+for f in "${pidfiles[@]}"; do
+  [ -f "$f" ] && pid=$(cat "$f" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && pids+=("$pid")
+done
+if ((${#pids[@]})); then
+  kill "${pids[@]}" 2>/dev/null
+  for _ in $(seq 100); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  kill -9 "${pids[@]}" 2>/dev/null
+fi
+# job processes of a killed node (slurmstepd and below); none expected
+stepd=$(readlink -f /usr/sbin/slurmstepd 2>/dev/null)
+for p in /proc/[0-9]*; do
+  [ -n "$stepd" ] && [ "$(readlink "$p/exe" 2>/dev/null)" = "$stepd" ] && kill -9 "${p#/proc/}" 2>/dev/null
+done
 
 if [ "${1:-}" != --keep-hosts ]; then
   if grep -q '^# BEGIN llm-slurm-ci$' /etc/hosts; then
