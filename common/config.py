@@ -15,13 +15,14 @@ import argparse
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import tomllib
 
 from common.errors import UserError
 from common.model import MODEL_PRESETS, ModelConfig, model_config
 
-__all__ = ["TrainConfig", "UserError", "load_config", "make_config", "TRAIN_PRESETS"]
+__all__ = ["TrainConfig", "UserError", "load_config", "make_config", "script_options", "TRAIN_PRESETS"]
 
 
 def doc(text: str, default=MISSING, **kw):
@@ -63,6 +64,8 @@ class TrainConfig:
     compile: bool = doc("torch.compile the model (slow first step on CPU)", False)
     progress: bool = doc("tqdm progress bar on rank 0", True)
     model: dict = doc("model overrides from the config file's [model] table", default_factory=dict)
+    options: dict = doc("script-specific options (e.g. fsdp.py --cpu-offload); [options] table in a config file",
+                        default_factory=dict)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         over = dict(self.model)
@@ -87,12 +90,28 @@ TRAIN_PRESETS: dict[str, dict] = {
 }
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+# A script's own flags: {name: (default, help)}; e.g. {"cpu_offload": (False, "keep parameters on the CPU")}.
+Options = dict[str, tuple[object, str]]
+
+
+def _add_flag(p: argparse.ArgumentParser, name: str, typ, help: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    if typ in ("bool", bool):
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help)
+    else:
+        p.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}.get(str(typ), typ), help=help)
+
+
+def build_parser(description: str = "", options: Options | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="TOML file with overrides (see common/config.py)")
+    if options:
+        group = p.add_argument_group("options of this script")
+        for name, (default, help) in options.items():
+            _add_flag(group, name, type(default), f"{help} (default: {default})")
     for f in fields(TrainConfig):
-        if f.name == "model":
+        if f.name in ("model", "options"):
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -103,9 +122,14 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def load_config(argv: list[str] | None = None, description: str = "", **defaults) -> TrainConfig:
-    """Parse the command line into a TrainConfig. Errors become UserError (one line)."""
-    args = vars(build_parser(description).parse_args(argv))
+def load_config(argv: list[str] | None = None, description: str = "", options: Options | None = None,
+                **defaults) -> TrainConfig:
+    """Parse the command line into a TrainConfig. Errors become UserError (one line).
+
+    ``options`` declares the script's own flags; their values land in ``cfg.options``.
+    """
+    args = vars(build_parser(description, options).parse_args(argv))
+    given_options = {k: args.pop(k) for k in list(args) if k in (options or {})}
     values: dict = dict(defaults)
     config_file = args.pop("config", None)
     file_values: dict = {}
@@ -120,6 +144,7 @@ def load_config(argv: list[str] | None = None, description: str = "", **defaults
     values.update(TRAIN_PRESETS[preset])
     values.update(file_values)
     values.update(args)
+    values["options"] = {**values.get("options", {}), **given_options}
     if "device" not in args and "device" not in file_values and os.environ.get("LLM_DEVICE"):
         values["device"] = os.environ["LLM_DEVICE"]
     return make_config(**values)
@@ -137,6 +162,14 @@ def make_config(**values) -> TrainConfig:
     cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **values})
     validate(cfg)
     return cfg
+
+
+def script_options(cfg: TrainConfig, options: Options) -> SimpleNamespace:
+    """The script's options with their defaults filled in; an unknown option is a UserError."""
+    unknown = set(cfg.options) - set(options)
+    if unknown:
+        raise UserError(f"unknown options {sorted(unknown)} for this script; known: {sorted(options)}")
+    return SimpleNamespace(**{name: cfg.options.get(name, default) for name, (default, _) in options.items()})
 
 
 def validate(cfg: TrainConfig) -> None:

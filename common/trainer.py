@@ -201,6 +201,8 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
             grad_norm = clip_grad(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             scaler.step(optimizer)
             scaler.update()
+            if step == cfg.max_steps - 1:  # gradients still allocated: count them before zero_grad frees them
+                mem = memory_breakdown(raw_model, optimizer)
             optimizer.zero_grad(set_to_none=True)
             loss = distributed.all_reduce_mean(loss, info)
             tok_s = meter.stop(tokens_per_step)
@@ -229,7 +231,8 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     val_loss = evaluate()
     evals.append([cfg.max_steps, val_loss])
     save(cfg.max_steps)
-    mem = memory_breakdown(raw_model, optimizer)
+    if start >= cfg.max_steps:  # resumed a finished run: no step ran, no gradients to count
+        mem = memory_breakdown(raw_model, optimizer)
     mem["peak"] = peak_memory_bytes(info.device)
     per_rank = [mem]
     if info.world_size > 1:
@@ -272,12 +275,16 @@ def sample_text(model: GPT, run: Run, prompt: str = "ROMEO:\n") -> str:
     return tok.decode(out[0].tolist())
 
 
-def run_main(main: Callable[[TrainConfig], dict], description: str, argv: list[str] | None = None) -> None:
-    """Command-line entry point: parse, run, print bad input as one line (exit 2), tear down."""
+def run_main(main: Callable[[TrainConfig], dict], description: str, argv: list[str] | None = None,
+             options: dict | None = None) -> None:
+    """Command-line entry point: parse, run, print bad input as one line (exit 2), tear down.
+
+    ``options`` = the script's own flags, {name: (default, help)} (see common.config.load_config).
+    """
     from common.config import load_config
 
     try:
-        main(load_config(argv, description))
+        main(load_config(argv, description, options=options))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.teardown()
