@@ -1,0 +1,51 @@
+"""Run several chapter-03 trainings one after another inside ONE torchrun launch (one process group).
+
+Each ``torchrun`` launch costs 15-25 s on the CI machine; the sharded-strategy tests batch their runs
+here instead. Usage (what tests/test_sharded.py does)::
+
+    torchrun --standalone --nproc_per_node=2 tests/strategy_driver.py PLAN.json RESULTS_DIR
+
+PLAN.json is a list of steps, executed in order on every rank:
+- ``{"name": "fsdp", "script": "03_LLM_Training_on_GPU/fsdp.py", "config": {...}}``: ``main(make_config(**config))``;
+  rank 0 copies the run's summary.json to RESULTS_DIR/<name>.json;
+- ``{"rewind": OUT_DIR, "to": "step_000005"}``: point OUT_DIR's ``latest`` checkpoint at an earlier step.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from conftest import load_script  # noqa: E402
+
+from common import distributed  # noqa: E402
+from common.config import make_config  # noqa: E402
+
+
+def main(plan_file: str, results: str) -> None:
+    plan = json.loads(Path(plan_file).read_text())
+    rank, _, _, _ = distributed.env_ranks()
+    scripts = {}
+    for step in plan:
+        if "rewind" in step:
+            if rank == 0:
+                (Path(step["rewind"]) / "checkpoints" / "latest").write_text(step["to"])
+        else:
+            if step["script"] not in scripts:
+                scripts[step["script"]] = load_script(step["script"])
+            cfg = make_config(**step["config"])
+            scripts[step["script"]].main(cfg)
+            if rank == 0:
+                shutil.copy(Path(cfg.out_dir) / "summary.json", Path(results) / f"{step['name']}.json")
+        if dist.is_initialized():
+            dist.barrier()
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

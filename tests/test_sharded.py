@@ -1,0 +1,165 @@
+"""FSDP2, tensor parallel (with and without sequence parallel) and 2-D FSDP x TP == 1-process training.
+
+Two torchrun launches in all (tests/strategy_driver.py runs several trainings per launch):
+- 2 ranks: FSDP (checkpoint every 5 steps), FSDP resumed from step 5, FSDP with activation
+  checkpointing + CPU offload, TP, TP + sequence parallel + loss parallel, FSDP in fp16 (3 steps);
+- 4 ranks: FSDP x TP on a 2 x 2 mesh (+ SP + loss parallel), FSDP on 4 ranks (memory).
+Reference: ddp.py in this process (1 process = plain training), same seed, same global batch.
+
+Tolerances: fp32 losses, max |dloss| over 10 steps <= 1e-5 (measured ~1e-6); final val loss <= 1e-5;
+a sharded checkpoint loaded into one process gives the run's val loss within 1e-5 and logits within
+1e-4 of the reference model's; fp16 (FSDP mixed precision + GradScaler) within 5e-2 of fp32.
+Layout errors are raised before any process group exists (checked in-process, < 1 s each).
+"""
+
+import json
+import time
+
+import pytest
+import torch
+from conftest import load_script, torchrun
+
+from common import checkpoint
+from common.config import make_config
+from common.data import Sampler, prepare
+from common.distributed import DistInfo
+from common.errors import UserError
+from common.model import GPT
+from common.trainer import loss_fn, padded_vocab
+
+CH = "03_LLM_Training_on_GPU"
+COMMON = dict(preset="tiny", batch_size=8, micro_batch_size=2, seq_len=64, max_steps=10, log_interval=5,
+              eval_interval=5, eval_batches=2, sample_tokens=0, progress=False, seed=7, threads=1)
+
+
+def plan_step(name, script, tmp, data_dir, **kw):
+    return {"name": name, "script": f"{CH}/{script}",
+            "config": {**COMMON, "data_dir": str(data_dir), "out_dir": str(tmp / name), **kw}}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """The reference run in this process, then the two launches; returns {name: summary}."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    ddp = load_script(f"{CH}/ddp.py")
+    ref = ddp.main(make_config(**{**COMMON, "data_dir": str(data_dir), "out_dir": str(tmp / "ref")}))
+    two = [
+        plan_step("fsdp", "fsdp.py", tmp, data_dir, ckpt_interval=5),
+        {"rewind": str(tmp / "fsdp"), "to": "step_000005"},
+        plan_step("fsdp_resumed", "fsdp.py", tmp, data_dir, resume=True, out_dir=str(tmp / "fsdp")),
+        plan_step("fsdp_ac_offload", "fsdp.py", tmp, data_dir,
+                  options={"activation_checkpointing": True, "cpu_offload": True}),
+        plan_step("tp", "tp.py", tmp, data_dir),
+        plan_step("tp_sp", "tp.py", tmp, data_dir, options={"sequence_parallel": True, "loss_parallel": True}),
+        plan_step("fsdp_fp16", "fsdp.py", tmp, data_dir, precision="fp16", max_steps=3),
+    ]
+    four = [
+        plan_step("fsdp_tp", "fsdp_tp.py", tmp, data_dir,
+                  options={"tp": 2, "sequence_parallel": True, "loss_parallel": True}),
+        plan_step("fsdp4", "fsdp.py", tmp, data_dir, max_steps=2),
+    ]
+    for nproc, plan in ((2, two), (4, four)):
+        (tmp / f"plan{nproc}.json").write_text(json.dumps(plan))
+        t0 = time.perf_counter()
+        torchrun(nproc, "tests/strategy_driver.py", str(tmp / f"plan{nproc}.json"), str(tmp), timeout=400)
+        print(f"{nproc}-rank launch: {time.perf_counter() - t0:.0f} s")
+    out = {p["name"]: json.loads((tmp / f"{p['name']}.json").read_text()) for p in two + four if "name" in p}
+    return {"ref": ref, "tmp": tmp, **out}
+
+
+def max_diff(a, b):
+    assert len(a) == len(b), (len(a), len(b))
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name,world", [("fsdp", 2), ("fsdp_ac_offload", 2), ("tp", 2), ("tp_sp", 2),
+                                        ("fsdp_tp", 4)])
+def test_loss_parity_with_one_process(runs, name, world):
+    ref, s = runs["ref"], runs[name]
+    assert s["world_size"] == world and len(s["losses"]) == COMMON["max_steps"]
+    assert max_diff(ref["losses"], s["losses"]) <= 1e-5
+    assert abs(ref["val_loss"] - s["val_loss"]) <= 1e-5
+    assert s["losses"][-1] < s["losses"][0] - 0.3  # it learns
+
+
+def test_strategy_facts_in_summary(runs):
+    assert runs["tp_sp"]["tp"] == {"degree": 2, "sequence_parallel": True, "loss_parallel": True}
+    assert runs["fsdp_tp"]["fsdp_tp"]["dp"] == 2 and runs["fsdp_tp"]["strategy"] == "fsdp_tp"
+    assert runs["fsdp_ac_offload"]["fsdp"]["cpu_offload"] is True
+
+
+def test_fsdp_resume_equals_uninterrupted(runs):
+    assert max_diff(runs["fsdp"]["losses"], runs["fsdp_resumed"]["losses"]) <= 1e-6
+    assert abs(runs["fsdp"]["val_loss"] - runs["fsdp_resumed"]["val_loss"]) <= 1e-6
+
+
+def test_fsdp_fp16_with_loss_scaling(runs):
+    s = runs["fsdp_fp16"]
+    assert s["precision"] == "fp16" and all(abs(x) < 100 for x in s["losses"])
+    assert max_diff(runs["ref"]["losses"][:3], s["losses"]) <= 5e-2
+
+
+def bytes_held(mem: dict) -> int:
+    return mem["params"] + mem["grads"] + mem["optim"]
+
+
+def test_fsdp_memory_per_rank_is_a_quarter(runs):
+    """DDP replicates everything: its per-rank bytes equal the 1-process run's."""
+    ddp = bytes_held(runs["ref"]["memory_per_rank"][0])
+    mem = runs["ref"]["memory_per_rank"][0]
+    assert mem["grads"] == mem["params"] and mem["optim"] >= 2 * mem["params"]  # grads counted, Adam: 2 moments
+    for m in runs["fsdp4"]["memory_per_rank"]:
+        assert bytes_held(m) <= ddp / 3, (bytes_held(m), ddp)
+        assert m["grads"] == m["params"]  # sharded gradients, counted by their local shard
+    for m in runs["fsdp_tp"]["memory_per_rank"]:  # 2 x 2: each rank holds ~1/4 too
+        assert bytes_held(m) <= ddp / 3
+
+
+def test_sharded_checkpoint_loads_into_one_process(runs, data_dir):
+    data = prepare("shakespeare", data_dir, "bpe", 4096, progress=False)
+    cfg = make_config(**COMMON)
+    models = {}
+    for name in ("fsdp", "ref"):
+        torch.manual_seed(0)  # different init: the checkpoint must overwrite every weight
+        model = GPT(cfg.model_config(vocab_size=padded_vocab(data.vocab_size)))
+        checkpoint.load(checkpoint.latest(runs["tmp"] / name), model, None, DistInfo())
+        models[name] = model.eval()
+    sampler = Sampler(data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+    with torch.no_grad():
+        batches = [sampler.batch(i) for i in range(cfg.eval_batches)]
+        val = sum(loss_fn(models["fsdp"](x), y).item() for x, y in batches) / len(batches)
+        logits = {k: m(batches[0][0]) for k, m in models.items()}
+    assert abs(val - runs["fsdp"]["val_loss"]) <= 1e-5
+    assert (logits["fsdp"] - logits["ref"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("script,world,kw,message", [
+    ("tp.py", 3, {}, "n_heads=4 (tiny) is not divisible by the tensor-parallel degree 3"),
+    ("tp.py", 4, {"model": {"n_kv_heads": 2}}, "n_kv_heads=2 (tiny) is not divisible by the tensor-parallel degree 4"),
+    ("tp.py", 2, {"seq_len": 63, "options": {"sequence_parallel": True}}, "--seq-len 63 must be divisible"),
+    ("fsdp_tp.py", 6, {"options": {"tp": 4}}, "--tp 4 does not divide the 6 launched processes"),
+    ("fsdp_tp.py", 6, {"options": {"tp": 3}}, "n_heads=4 (tiny) is not divisible by the tensor-parallel degree 3"),
+    ("fsdp.py", 2, {"options": {"cpu_offlaod": True}}, "unknown options ['cpu_offlaod']"),
+])
+def test_bad_layout_fails_fast_before_any_collective(script, world, kw, message, monkeypatch, tmp_path):
+    for k, v in dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    module = load_script(f"{CH}/{script}")
+    cfg = make_config(**{**COMMON, "data_dir": str(tmp_path), "out_dir": str(tmp_path / "o"), **kw})
+    t0 = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        module.main(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not torch.distributed.is_initialized() and time.perf_counter() - t0 < 5
+
+
+def test_script_options_on_the_command_line():
+    from common.config import load_config
+
+    fsdp = load_script(f"{CH}/fsdp.py")
+    cfg = load_config(["--cpu-offload", "--max-steps", "3"], options=fsdp.OPTIONS)
+    assert cfg.options == {"cpu_offload": True} and cfg.max_steps == 3
+    assert load_config([]).options == {}  # scripts without options: unchanged command line
+    fsdp_tp = load_script(f"{CH}/fsdp_tp.py")
+    cfg = load_config(["--tp", "4", "--sequence-parallel"], options=fsdp_tp.OPTIONS)
+    assert cfg.options == {"tp": 4, "sequence_parallel": True}
