@@ -3,6 +3,7 @@
 #   bash tests/gpu/run_gpu_checks.sh
 # 1) gpt2-small preset, 30 steps on one GPU with the auto precision (bf16 on A100/H100, fp16 on V100):
 #    prints tokens/s and MFU; 2) the DDP parity test with NCCL on the GPUs present (needs >= 2 GPUs);
+#    2b) FSDP2 and TP+SP parity on 2 GPUs and a short bf16 FSDP run on all GPUs (needs >= 2 GPUs);
 # 3) pytest's GPU-marked tests. Exits non-zero on any failure; without a GPU it says so and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -38,6 +39,28 @@ sys.exit(0 if d <= 1e-4 else 1)
 PY
 else
   echo "== 2. DDP parity skipped: needs >= 2 GPUs, found $ngpu"
+fi
+if [ "$ngpu" -ge 2 ]; then
+  echo "== 2b. FSDP2 and TP (+SP) parity, NCCL, 2 GPUs vs the 1-GPU run above; FSDP bf16 on all GPUs"
+  NVIDIA_TF32_OVERRIDE=0 "$BIN/torchrun" --standalone --nproc_per_node=2 03_LLM_Training_on_GPU/fsdp.py "${common[@]}" --out-dir "$out/parity-fsdp"
+  NVIDIA_TF32_OVERRIDE=0 "$BIN/torchrun" --standalone --nproc_per_node=2 03_LLM_Training_on_GPU/tp.py "${common[@]}" \
+    --sequence-parallel --loss-parallel --out-dir "$out/parity-tp"
+  "$BIN/torchrun" --standalone --nproc_per_node="$ngpu" 03_LLM_Training_on_GPU/fsdp.py --preset gpt2-small --max-steps 20 \
+    --batch-size 16 --micro-batch-size 8 --eval-interval 0 --sample-tokens 0 --no-progress --out-dir "$out/fsdp-bf16"
+  $PY - "$out" <<'PY'
+import json, sys
+ref = json.load(open(f"{sys.argv[1]}/parity-1/summary.json"))
+ok = True
+for name in ("fsdp", "tp"):
+    s = json.load(open(f"{sys.argv[1]}/parity-{name}/summary.json"))
+    d = max(abs(x - y) for x, y in zip(ref["losses"], s["losses"]))
+    print(f"RESULT {name.upper()} NCCL parity: max |dloss| = {d:.2e} over 20 steps (tolerance 1e-4 on GPU)")
+    ok &= d <= 1e-4
+s = json.load(open(f"{sys.argv[1]}/fsdp-bf16/summary.json"))
+print(f"RESULT FSDP gpt2-small x{s['world_size']} {s['precision']}: {s['tokens_per_s']:,.0f} tok/s, "
+      f"peak {s['peak_memory_bytes'] / 2**30:.1f} GiB per GPU")
+sys.exit(0 if ok else 1)
+PY
 fi
 echo "== 3. pytest GPU tests"
 $PY -m pytest -q tests/test_gpu.py
