@@ -145,3 +145,26 @@ def test_loss_plot_and_hf_export_cli(tmp_path, data_dir):
     hf_main(["export", str(tmp_path / "e" / "checkpoints" / "step_000003"), str(tmp_path / "hf")])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
+
+
+def test_checkpoint_loading_refuses_arbitrary_pickles(tmp_path, data_dir):
+    """A tampered .metadata that would run code is refused; a genuine checkpoint loads (see test above)."""
+    import pickle
+
+    from common import checkpoint
+    from common.distributed import DistInfo
+
+    run_single(tmp_path, "c", data_dir, max_steps=2)
+    step = tmp_path / "c" / "checkpoints" / "step_000002"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    (step / ".metadata").write_bytes(pickle.dumps(Evil()))
+    from common.model import GPT
+
+    model = GPT(make_config(**COMMON).model_config(vocab_size=4096))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system: refusing to load it"):
+        checkpoint.load(step, model, None, DistInfo())
+    assert not (tmp_path / "pwned").exists()
