@@ -1,0 +1,60 @@
+"""Small helpers the chapter-02 notebooks share: paths, launching chapter scripts with torchrun, saving figures.
+
+Real multi-process work is always a ``torchrun`` subprocess on a script of the repository (a function
+defined in a notebook cell cannot be spawned into other processes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHAPTER = Path(__file__).resolve().parent
+ROOT = CHAPTER.parent
+IMAGES = CHAPTER / "images"
+DATA = ROOT / "data"  # the same shard cache the chapter-03 scripts use
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, threads: int = 1) -> str:
+    """``torchrun --standalone --nproc_per_node=N script args`` from the repository root; returns its output.
+
+    torchrun is taken from the kernel's own environment (next to ``sys.executable``). Each process gets
+    ``threads`` OpenMP threads. A failure raises with the end of the output.
+    """
+    exe = Path(sys.executable).parent / "torchrun"
+    cmd = [str(exe), "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed (exit {proc.returncode}):\n{out[-4000:]}")
+    print(f"$ torchrun --nproc_per_node={nproc} {script} {' '.join(args)}   # {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def train_run(script: str, nproc: int, out_dir: Path, *args: str, timeout: int = 300) -> dict:
+    """Run a chapter-03 training script under torchrun (tiny preset, quiet) and return its summary.json."""
+    torchrun(nproc, script, "--preset=tiny", "--no-progress", "--sample-tokens=0", f"--data-dir={DATA}",
+             f"--out-dir={out_dir}", *args, timeout=timeout)
+    return json.loads((Path(out_dir) / "summary.json").read_text())
+
+
+def scratch(name: str) -> Path:
+    """A fresh temporary folder for run outputs (nothing is written into the repository)."""
+    return Path(tempfile.mkdtemp(prefix=f"nb-{name}-"))
+
+
+def savefig(fig, name: str) -> Path:
+    """Save a figure the READMEs use to ``02_Notebook_Parallelism/images/<name>.png``."""
+    IMAGES.mkdir(exist_ok=True)
+    path = IMAGES / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
