@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -82,6 +83,21 @@ def check_tp(cfg: TrainConfig, tp: int, sequence_parallel: bool) -> None:
                         f"the tensor-parallel degree {tp}")
 
 
+class ReplicateParallel(ParallelStyle):
+    """A module every rank runs in full on replicated inputs (the norms without SP).
+
+    Its parameters become replicated DTensors, so that *all* parameters are DTensors: the fp16 loss
+    scaler and gradient clipping cannot mix plain tensors and DTensors. No communication.
+    """
+
+    def _apply(self, module: nn.Module, mesh) -> nn.Module:
+        return distribute_module(
+            module, mesh,  # no partition_fn: parameters are replicated
+            input_fn=lambda mod, inputs, mesh: tuple(
+                DTensor.from_local(x, mesh, [Replicate()], run_check=False) for x in inputs),
+            output_fn=lambda mod, out, mesh: out.to_local())
+
+
 def apply_tp(model: GPT, mesh, sequence_parallel: bool = False, loss_parallel: bool = False) -> GPT:
     """Shard the model over the 1-D ``mesh`` with the plan below (in place)."""
     # Layout of the residual stream between the TP regions: replicated, or split along the sequence (SP)
@@ -96,7 +112,9 @@ def apply_tp(model: GPT, mesh, sequence_parallel: bool = False, loss_parallel: b
             "feed_forward.w3": ColwiseParallel(),  # up
             "feed_forward.w2": RowwiseParallel(output_layouts=residual),  # down
         }
-        if sequence_parallel:
+        if not sequence_parallel:
+            plan |= {"attention_norm": ReplicateParallel(), "ffn_norm": ReplicateParallel()}
+        else:
             plan |= {
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
@@ -112,8 +130,7 @@ def apply_tp(model: GPT, mesh, sequence_parallel: bool = False, loss_parallel: b
         "output": ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
     }
-    if sequence_parallel:
-        root_plan["norm"] = SequenceParallel()
+    root_plan["norm"] = SequenceParallel() if sequence_parallel else ReplicateParallel()
     parallelize_module(model, mesh, root_plan)
     if model.cfg.tie_embeddings:  # both are sharded along the vocabulary: share the one DTensor again
         model.output.weight = model.tok_embeddings.weight

@@ -14,6 +14,7 @@ PLAN.json is a list of steps, executed in order on every rank:
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -39,8 +40,10 @@ def main(plan_file: str, results: str) -> None:
             if step["script"] not in scripts:
                 scripts[step["script"]] = load_script(step["script"])
             cfg = make_config(**step["config"])
+            t0 = time.perf_counter()
             scripts[step["script"]].main(cfg)
             if rank == 0:
+                print(f"driver: {step['name']} took {time.perf_counter() - t0:.1f} s", flush=True)
                 shutil.copy(Path(cfg.out_dir) / "summary.json", Path(results) / f"{step['name']}.json")
         if dist.is_initialized():
             dist.barrier()
