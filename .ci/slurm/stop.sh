@@ -11,7 +11,7 @@ STATE=${SLURM_CI_DIR:-/var/tmp/llm-slurm-ci}
 # (munged only if start.sh started it)
 if [ -d "$STATE" ] && scontrol ping >/dev/null 2>&1; then
   scancel --quiet --user=root >/dev/null 2>&1
-  for _ in $(seq 50); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
+  for _ in $(seq 100); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.2; done
 fi
 pidfiles=("$STATE"/slurmd-*.pid "$STATE/slurmctld.pid")
 [ -f "$STATE/munged.ours" ] && pidfiles+=(/run/munge/munged.pid)
@@ -29,10 +29,15 @@ if ((${#pids[@]})); then
   done
   kill -9 "${pids[@]}" 2>/dev/null
 fi
-# job processes of a killed node (slurmstepd and below); none expected
+# jobs that did not end in time: their slurmstepd and every process below it
+kill_tree() {
+  local child
+  for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$child"; done
+  kill -9 "$1" 2>/dev/null
+}
 stepd=$(readlink -f /usr/sbin/slurmstepd 2>/dev/null)
 for p in /proc/[0-9]*; do
-  [ -n "$stepd" ] && [ "$(readlink "$p/exe" 2>/dev/null)" = "$stepd" ] && kill -9 "${p#/proc/}" 2>/dev/null
+  [ -n "$stepd" ] && [ "$(readlink "$p/exe" 2>/dev/null)" = "$stepd" ] && kill_tree "${p#/proc/}"
 done
 
 if [ "${1:-}" != --keep-hosts ]; then

@@ -85,11 +85,14 @@ class Cluster:
         logs = list((self.sandbox / "logs").glob(f"*-{job_id}.out"))
         return logs[0].read_text(errors="replace") if logs else "(no log file)"
 
-    def wait(self, job_id: str, timeout: float, poll: float = 0.5) -> Job:
-        """Poll until the job reaches a final state (a requeued job goes on); scancel on timeout."""
+    def wait(self, job_id: str, timeout: float, poll: float = 0.5, on_poll=None) -> Job:
+        """Poll until the job reaches a final state (a requeued job goes on); scancel on timeout.
+        ``on_poll(fields)`` is called with the job's fields at every poll."""
         deadline = time.monotonic() + timeout
         while True:
             fields = self.show(job_id)
+            if on_poll:
+                on_poll(fields)
             if fields.get("JobState") in FINAL_STATES:
                 return Job(job_id, fields, self.log(job_id))
             if time.monotonic() > deadline:
