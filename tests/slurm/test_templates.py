@@ -89,3 +89,24 @@ def test_test_only_rejects_what_a_real_cluster_rejects(cluster):
                            cwd=cluster.sandbox, env=cluster.env, capture_output=True, text=True,
                            timeout=30)  # fmt: skip
         assert r.returncode != 0, f"accepted {extra}: {r.stderr}"
+
+
+def test_activate_env_without_environment_is_a_clear_error(tmp_path):
+    """No $LLM_VENV, no .venv, no conda: the job stops with instructions, not a crash later."""
+    script = f"set -euo pipefail; source {REPO}/01_Basics/activate_env.sh; echo reached"
+    env = {"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "reached" not in r.stdout
+    assert f"no .venv in {tmp_path}" in r.stderr and "conda env create -f environment.yml" in r.stderr
+
+
+def test_activate_env_uses_llm_venv(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/activate").write_text('export PATH="$(dirname "${BASH_SOURCE[0]}"):$PATH"\n')
+    (venv / "bin/python").symlink_to("/usr/bin/env")  # any executable named python
+    script = f"set -euo pipefail; source {REPO}/01_Basics/activate_env.sh; command -v python"
+    env = {"PATH": "/usr/bin:/bin", "LLM_VENV": str(venv), "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith(f"{venv}/bin/python")
