@@ -70,6 +70,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def _local_bytes(t: torch.Tensor) -> int:
     t = t.to_local() if hasattr(t, "to_local") else t  # DTensor: only this rank's shard
+    if t.numel() == 0 and getattr(t, "ds_tensor", None) is not None:  # DeepSpeed ZeRO-3: this rank's partition
+        t = t.ds_tensor
     return t.numel() * t.element_size()
 
 

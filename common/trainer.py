@@ -145,9 +145,13 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
           forward_backward: Callable[[torch.Tensor, torch.Tensor, torch.amp.GradScaler], float],
           eval_loss: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
           clip_grad: Callable[[float], torch.Tensor] | None = None,
-          raw_model: GPT | None = None, sample: Callable[[], str] | None = None) -> dict:
-    """Train ``cfg.max_steps`` optimizer steps; returns (and on rank 0 writes) the summary."""
+          raw_model: GPT | None = None, sample: Callable[[], str] | None = None, checkpointer=None) -> dict:
+    """Train ``cfg.max_steps`` optimizer steps; returns (and on rank 0 writes) the summary.
+
+    ``checkpointer``: anything with ``common.checkpoint``'s save/latest/load (default: that module, DCP).
+    """
     cfg, info = run.cfg, run.info
+    ckpt_io = checkpointer or checkpoint
     raw_model = raw_model or model
     scaler = run.precision.scaler()
     train_sampler = Sampler(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed)
@@ -157,8 +161,8 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     jsonl = JsonlLog(run.out_dir / "log.jsonl" if info.is_main else None)
 
     start, losses, evals = 0, [], []
-    if cfg.resume and (ckpt := checkpoint.latest(run.out_dir)):
-        state = checkpoint.load(ckpt, model, optimizer, info)
+    if cfg.resume and (ckpt := ckpt_io.latest(run.out_dir)):
+        state = ckpt_io.load(ckpt, model, optimizer, info)
         start, losses, evals = state["step"], state["losses"], state["evals"]
         scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
         log.info(f"resumed from {ckpt} at step {start}")
@@ -174,7 +178,7 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
         return distributed.all_reduce_mean(sum(vals) / len(vals), info)
 
     def save(step: int) -> Path:
-        return checkpoint.save(run.out_dir, step, model, optimizer, info, {
+        return ckpt_io.save(run.out_dir, step, model, optimizer, info, {
             "losses": losses, "evals": evals, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
     peak, peak_src = peak_tflops(info.device, run.precision.name, cfg.peak_tflops)

@@ -1,0 +1,185 @@
+"""DeepSpeed ZeRO: data parallel where each process keeps only 1/N of the training state.
+
+Plain data parallel keeps a full copy of weights, gradients and Adam state on every process. ZeRO
+(the Zero Redundancy Optimizer) partitions them over the N data-parallel processes, in stages:
+- stage 1: the optimizer state (Adam moments, fp32 master weights) — each rank updates its slice,
+  then the updated weights are all-gathered;
+- stage 2: + the gradients — reduce-scatter instead of all-reduce, each rank keeps its slice only;
+- stage 3: + the weights themselves — each layer's weights are all-gathered just before its forward
+  and backward and freed after (what FSDP does natively in PyTorch, see fsdp.py);
+- offload (``ds_zero2_offload.json``): the optimizer state and step live in CPU memory.
+The JSON configs next to this script hold the ZeRO settings; batch sizes, gradient clipping and
+precision come from the shared command line, so a run equals ddp.py's on the same global batch.
+``deepspeed.initialize`` wraps model and optimizer in an *engine*: ``engine.backward(loss)`` and
+``engine.step()`` replace ``loss.backward()`` / clip / ``optimizer.step()`` (the engine clips with
+the global norm, scales fp16 losses dynamically and keeps bf16/fp16 weights with fp32 masters).
+The optimizer is this project's AdamW (a client optimizer), not DeepSpeed's fused/CPU Adam builds.
+
+Launch (from the repository root):
+    python 03_LLM_Training_on_GPU/zero.py --ds-config 03_LLM_Training_on_GPU/ds_zero1.json   # one process
+    torchrun --standalone --nproc_per_node=2 03_LLM_Training_on_GPU/zero.py                 # CPU: 2 processes
+    torchrun --standalone --nproc_per_node=4 03_LLM_Training_on_GPU/zero.py --preset gpt2-medium \\
+        --ds-config 03_LLM_Training_on_GPU/ds_zero3.json                                    # 4 GPUs
+    deepspeed --num_gpus=4 --no_local_rank 03_LLM_Training_on_GPU/zero.py \\
+        --ds-config 03_LLM_Training_on_GPU/ds_zero2.json                      # DeepSpeed's own launcher
+    sbatch 03_LLM_Training_on_GPU/zero.slurm --ds-config 03_LLM_Training_on_GPU/ds_zero3.json   # one node
+    sbatch -N 2 03_LLM_Training_on_GPU/zero_multinode.slurm                                 # several nodes
+Options: ``--help``; this script adds --ds-config (default ds_zero2.json) and --shm-comm.
+
+On CPU, DeepSpeed's communication layer JIT-compiles a shared-memory all-reduce kernel
+(``deepspeed_shm_comm``, minutes with a C++ compiler) the first time a process group starts. Its
+``build_shm_op`` skips the kernel when ``deepspeed.ops.__compatible_ops__`` marks it incompatible,
+and then uses plain ``torch.distributed`` (gloo), the same backend as every other script here. This
+script does exactly that unless ``--shm-comm`` is given (or the op was pre-built at install time
+with ``DS_BUILD_SHM_COMM=1 pip install deepspeed``). DeepSpeed's ``cpu_adam`` is never built: the
+optimizer is a client ``torch.optim.AdamW`` (a config-defined optimizer would need
+``"torch_adam": true`` for that; with offload, ``"zero_force_ds_cpu_optimizer": false`` allows it).
+Checkpoints are DeepSpeed's own (``engine.save_checkpoint``: each rank writes its partitions,
+resume is exact); ``zero_to_fp32.py`` in a checkpoint folder merges them into one state dict.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+
+from common import checkpoint  # noqa: E402
+from common.config import TrainConfig, UserError, script_options  # noqa: E402
+from common.distributed import log  # noqa: E402
+from common.precision import Precision  # noqa: E402
+from common.trainer import build_model, build_optimizer, loss_fn, micro_batches, run_main, setup, train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OPTIONS = {
+    "ds_config": (str(HERE / "ds_zero2.json"), "DeepSpeed JSON config (ZeRO stage, offload, buckets)"),
+    "shm_comm": (False, "CPU only: let DeepSpeed build and use its shared-memory all-reduce (minutes to compile)"),
+}
+
+
+def deepspeed_config(path: str, run) -> dict:
+    """The JSON file's ZeRO settings + what the shared command line decides (batch, clipping, precision)."""
+    ds = json.loads(Path(path).read_text())
+    cfg = run.cfg
+    ds.update(train_batch_size=cfg.batch_size, train_micro_batch_size_per_gpu=run.micro_batch,
+              gradient_accumulation_steps=run.accum_steps, gradient_clipping=cfg.grad_clip,
+              steps_per_print=10**9, wall_clock_breakdown=False)
+    name = run.precision.name
+    ds["bf16"] = {"enabled": name == "bf16"}
+    ds["fp16"] = {"enabled": name == "fp16", "loss_scale": 0, "initial_scale_power": 16}  # 0 = dynamic scaling
+    return ds
+
+
+class EnginePrecision(Precision):
+    """DeepSpeed keeps the low-precision weights and scales fp16 losses itself: no GradScaler here."""
+
+    @property
+    def needs_scaler(self) -> bool:
+        return False
+
+
+class EngineOptimizer:
+    """What ``common.trainer.train`` drives as an optimizer, backed by the engine.
+
+    ``step()`` is the engine's boundary step: global-norm clipping, fp16 unscaling / overflow skip,
+    the partitioned AdamW update, the all-gather of the updated weights, and zeroing the gradients.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def param_groups(self):  # the trainer sets the learning rate here
+        return self.engine.optimizer.param_groups
+
+    @property
+    def state(self) -> dict:
+        """Adam moments of this rank's partition, plus its fp32 master weights (for the memory report)."""
+        zero = self.engine.optimizer
+        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
+            zero, "fp32_partitioned_groups_flat", [])
+        return {**zero.optimizer.state, "fp32 master weights": dict(enumerate(masters))}
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass  # engine.step() already did
+
+
+class NormAfterStep:
+    """The global gradient norm, read after ``engine.step()`` computed it (the trainer logs it then)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __float__(self) -> float:
+        return float(self.engine.get_global_grad_norm() or 0.0)
+
+
+class EngineCheckpoint:
+    """``common.checkpoint``'s interface on DeepSpeed's own checkpoints (partitioned, exact resume)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.latest = checkpoint.latest  # DeepSpeed writes the same <out>/checkpoints/latest pointer
+
+    def save(self, out_dir, step, model, optimizer, info, trainer_state) -> Path:
+        root, tag = Path(out_dir) / "checkpoints", f"step_{step:06d}"
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": {"step": step, **trainer_state}})
+        return root / tag
+
+    def load(self, path, model, optimizer, info) -> dict:
+        path = Path(path)
+        _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        return client_state["trainer_state"]
+
+
+def main(cfg: TrainConfig) -> dict:
+    opts = script_options(cfg, OPTIONS)
+    if not Path(opts.ds_config).is_file():
+        raise UserError(f"--ds-config {opts.ds_config}: file not found (see 03_LLM_Training_on_GPU/ds_zero*.json)")
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError("DeepSpeed is not installed: pip install deepspeed (or bash scripts/setup.sh test)") from None
+    run = setup(cfg, strategy="zero")
+    ds_config = deepspeed_config(opts.ds_config, run)
+    run.precision = EnginePrecision(run.precision.name, run.precision.device_type)
+    if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (a world of one)
+        dist.init_process_group(run.info.backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", str(run.info.local_rank))  # DeepSpeed asserts it is set
+    if run.info.device.type == "cpu" and not opts.shm_comm:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo, no kernel build (see above)
+    model = build_model(run)
+    flops_per_token, n_params = model.flops_per_token(cfg.seq_len), model.num_params()  # before ZeRO-3 shards
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    stage = engine.zero_optimization_stage()
+    offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
+    run.strategy = f"zero{stage}" + ("-offload" if offload else "")
+    run.extra.update(zero_stage=stage, offload_optimizer=offload, ds_config=Path(opts.ds_config).name)
+    log.info(f"DeepSpeed {deepspeed.__version__}: ZeRO stage {stage}{' + optimizer offload' if offload else ''} "
+             f"from {opts.ds_config}, {run.accum_steps} micro-batch(es) of {run.micro_batch} per rank")
+
+    def forward_backward(x, y, scaler) -> float:
+        total, n = 0.0, run.accum_steps
+        for i, (xb, yb) in enumerate(micro_batches(x, y, n)):
+            loss = loss_fn(engine(xb), yb)
+            engine.backward(loss)  # divides by gradient_accumulation_steps itself (and scales fp16 losses)
+            if i < n - 1:
+                engine.step()  # not a boundary yet: counts the micro-step; the optimizer step comes last
+            total += loss.item() / n
+        return total
+
+    model.flops_per_token = lambda seq_len: flops_per_token  # the summary's numbers: full model, not a shard
+    model.num_params = lambda: n_params
+    return train(run, engine, EngineOptimizer(engine), forward_backward, raw_model=model,
+                 clip_grad=lambda max_norm: NormAfterStep(engine),  # the engine clips inside step()
+                 eval_loss=lambda x, y: loss_fn(engine(x), y).item(), checkpointer=EngineCheckpoint(engine))
+
+
+if __name__ == "__main__":
+    run_main(main, __doc__, options=OPTIONS)

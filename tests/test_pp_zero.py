@@ -1,0 +1,155 @@
+"""Pipeline parallel (every schedule) and DeepSpeed ZeRO 1/2/3 (+ offload) on 2 gloo processes == 1 process.
+
+One ``torchrun`` launch (tests/parallel_driver.py) runs all 2-process trainings; the reference is plain
+1-process training (ddp.py without a process group) on the same seed, weights and global batch.
+Also: checkpoint round trips (PP via DCP, ZeRO via DeepSpeed's own checkpoints), a PP checkpoint loaded
+into one process, and the layout errors, raised before any process group exists.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import ROOT, load_script, torchrun
+
+from common.config import make_config
+from common.trainer import run_main
+
+ddp = load_script("03_LLM_Training_on_GPU/ddp.py")
+pp = load_script("03_LLM_Training_on_GPU/pp.py")
+zero = load_script("03_LLM_Training_on_GPU/zero.py")
+
+COMMON = dict(preset="tiny", batch_size=8, micro_batch_size=2, seq_len=64, log_interval=5, eval_interval=5,
+              eval_batches=2, sample_tokens=0, progress=False, seed=7, max_steps=10)
+SCHEDULES = list(pp.SCHEDULES)
+CKPT_SCHEDULE = "interleaved1f1b"  # two stages per process: the hardest case for checkpoints
+ZERO_CONFIGS = ["zero1", "zero2", "zero3", "zero2_offload"]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")
+FP32_TOL = 1e-5  # measured here: <= 1e-6 for every schedule and ZeRO stage
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """The 1-process reference (in this process) and every 2-process run (one torchrun launch)."""
+    d = tmp_path_factory.mktemp("pp_zero")
+    base = {**COMMON, "data_dir": str(data_dir)}
+    reference = ddp.main(make_config(**base, out_dir=str(d / "reference")))
+    jobs = []
+    for s in SCHEDULES:
+        job = dict(script="pp", config={**base, "out_dir": str(d / s), "options": {"schedule": s, "n_microbatches": 4}})
+        if s == CKPT_SCHEDULE:  # checkpoint at 5 and 10, then resume from 5
+            job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
+        jobs.append(job)
+    if HAS_DEEPSPEED:
+        for name in ZERO_CONFIGS:
+            ds_config = str(ROOT / f"03_LLM_Training_on_GPU/ds_{name}.json")
+            job = dict(script="zero", config={**base, "out_dir": str(d / name), "options": {"ds_config": ds_config}})
+            if name == "zero3":
+                job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
+            jobs.append(job)
+    (d / "jobs.json").write_text(json.dumps(jobs))
+    torchrun(2, "tests/parallel_driver.py", str(d / "jobs.json"), timeout=900)
+    return d, reference
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b) == COMMON["max_steps"]
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pp_two_processes_match_one_process(runs, schedule):
+    d, reference = runs
+    s = json.loads((d / schedule / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["strategy"] == "pp"
+    assert max_diff(s["losses"], reference["losses"]) <= FP32_TOL
+    assert abs(s["val_loss"] - reference["val_loss"]) <= FP32_TOL
+    assert [e[0] for e in s["evals"]] == [5, 10]
+    p, m = 2, 4
+    v = 2 if pp.SCHEDULES[schedule][1] else 1
+    assert s["pipeline"]["stages"] == p * v and s["pipeline"]["n_microbatches"] == m
+    assert s["pipeline"]["expected_bubble"] == pytest.approx((p - 1) / (v * m + p - 1))
+    # each process holds only its stages: together they hold the model once
+    assert sum(r["params"] for r in s["memory_per_rank"]) == reference["memory_per_rank"][0]["params"]
+
+
+def test_pp_checkpoint_resume_and_load_into_one_process(runs):
+    d, reference = runs
+    straight = json.loads((d / CKPT_SCHEDULE / "summary.json").read_text())
+    resumed = json.loads((d / CKPT_SCHEDULE / "resumed.json").read_text())
+    assert max_diff(resumed["losses"], straight["losses"]) <= 1e-6
+    # the stages' DCP shards load into one whole model (for export / evaluation); so does the reference's
+    from common import checkpoint
+    from common.distributed import DistInfo
+    from common.model import GPT
+
+    cfg = make_config(**COMMON).model_config(vocab_size=4096)
+    merged, single = GPT(cfg), GPT(cfg)
+    checkpoint.load(d / CKPT_SCHEDULE / "checkpoints" / "step_000010", merged, None, DistInfo())
+    checkpoint.load(d / "reference" / "checkpoints" / "step_000010", single, None, DistInfo())
+    for (name, a), (_, b) in zip(merged.state_dict().items(), single.state_dict().items()):
+        assert (a - b).abs().max() <= 1e-5, name
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ZERO_CONFIGS)
+def test_zero_two_processes_match_one_process(runs, name):
+    d, reference = runs
+    s = json.loads((d / name / "summary.json").read_text())
+    stage = int(name[4])
+    assert s["world_size"] == 2 and s["zero_stage"] == stage and s["offload_optimizer"] == ("offload" in name)
+    assert max_diff(s["losses"], reference["losses"]) <= FP32_TOL
+    assert abs(s["val_loss"] - reference["val_loss"]) <= FP32_TOL
+    ddp_optim = reference["memory_per_rank"][0]["optim"]  # AdamW moments: 2 x params
+    for mem in s["memory_per_rank"]:  # each rank: half of the moments + half of the fp32 master weights
+        assert mem["optim"] <= 0.8 * ddp_optim
+        if stage == 3:  # weights partitioned too (those above stage3_param_persistence_threshold elements)
+            assert mem["params"] <= 0.8 * reference["memory_per_rank"][0]["params"]
+
+
+@needs_deepspeed
+def test_zero_checkpoint_resume(runs):
+    d, _ = runs
+    straight = json.loads((d / "zero3" / "summary.json").read_text())
+    resumed = json.loads((d / "zero3" / "resumed.json").read_text())
+    assert max_diff(resumed["losses"], straight["losses"]) <= 1e-6
+    step = d / "zero3" / "checkpoints" / "step_000005"
+    assert len(list(step.glob("*optim_states.pt"))) == 2  # one optimizer partition per rank
+
+
+@pytest.mark.parametrize("argv,world,message", [
+    (["--schedule", "interleaved1f1b"], 4, "4 layers cannot fill 8 pipeline stages"),
+    (["--n-microbatches", "1"], 2, "--n-microbatches 1 is fewer than the 2 pipeline processes"),
+    (["--batch-size", "6", "--n-microbatches", "4"], 2, "--batch-size 6 is not divisible by --n-microbatches 4"),
+    (["--preset", "gpt2-small"], 2, "tied embeddings cannot be split"),
+    (["--schedule", "zigzag"], 2, "--schedule 'zigzag' is unknown"),
+])
+def test_pp_bad_layout_is_one_clear_line(argv, world, message, monkeypatch, capsys, tmp_path):
+    for k, v in dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exc:  # no process group is ever created: it would hang waiting for peers
+        run_main(pp.main, "", argv + ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")],
+                 options=pp.OPTIONS)
+    assert exc.value.code == 2 and not torch.distributed.is_initialized()
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err, err
+
+
+def test_zero_missing_config_is_one_clear_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        run_main(zero.main, "", ["--ds-config", str(tmp_path / "none.json"), "--data-dir", str(tmp_path)],
+                 options=zero.OPTIONS)
+    assert exc.value.code == 2
+    assert "none.json: file not found" in capsys.readouterr().err
+
+
+def test_untied_config_lets_the_gpt2_presets_be_pipelined():
+    from common.config import load_config
+
+    cfg = load_config(["--preset", "gpt2-small", "--config", str(ROOT / "03_LLM_Training_on_GPU/untied.toml")],
+                      options=pp.OPTIONS)
+    layout = pp.plan(cfg, world=4, schedule="interleaved1f1b", n_microbatches=8, virtual=2)
+    assert layout["n_stages"] == 8 and sum(map(len, layout["layers_of_stage"])) == 12
+    assert layout["stage_ids"](1) == [1, 5] and layout["bubble"] == pytest.approx(3 / 19)
