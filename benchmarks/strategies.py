@@ -43,7 +43,13 @@ STRATEGIES = [
     Strategy("TP", "tp.py"),
     Strategy("TP + SP", "tp.py", args=["--sequence-parallel", "--loss-parallel"]),
     Strategy("FSDP x TP (2x2)", "fsdp_tp.py", nproc=4, args=["--tp", "2", "--sequence-parallel"]),
-    # pipeline parallel and DeepSpeed ZeRO: append Strategy(...) rows here
+    Strategy("PP 1F1B", "pp.py", args=["--schedule", "1f1b", "--n-microbatches", "4",
+                                       "--config", f"{CH}/untied.toml"]),  # GPU presets tie the head
+    Strategy("PP interleaved 1F1B", "pp.py", args=["--schedule", "interleaved1f1b", "--n-microbatches", "4",
+                                                   "--config", f"{CH}/untied.toml"]),
+    Strategy("ZeRO-1", "zero.py", args=["--ds-config", f"{CH}/ds_zero1.json"]),
+    Strategy("ZeRO-2", "zero.py", args=["--ds-config", f"{CH}/ds_zero2.json"]),
+    Strategy("ZeRO-3", "zero.py", args=["--ds-config", f"{CH}/ds_zero3.json"]),
 ]
 
 # Same preset and global batch for every strategy; short runs that still measure steady state.
