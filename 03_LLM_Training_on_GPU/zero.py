@@ -97,7 +97,11 @@ class EngineOptimizer:
 
     @property
     def state(self) -> dict:
-        """Adam moments of this rank's partition, plus its fp32 master weights (for the memory report)."""
+        """Adam moments of this rank's partition, plus its fp32 master weights (for the memory report).
+
+        The report's "grads" stays 0: DeepSpeed frees its gradient partitions inside ``engine.step()``,
+        before the trainer counts them.
+        """
         zero = self.engine.optimizer
         masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
             zero, "fp32_partitioned_groups_flat", [])
