@@ -151,7 +151,11 @@ def main(cfg: TrainConfig) -> dict:
     owned = sorted(i for s in my_stages for i in layout["layers_of_stage"][s])
     has_first, has_last = 0 in my_stages, n_stages - 1 in my_stages
     # same initial weights as one process: build the whole model (on CPU), keep this process's part
-    model = prune(build_model(run, device="cpu"), owned, has_first, has_last).to(info.device)
+    model = build_model(run, device="cpu")
+    flops_per_token, n_params = model.flops_per_token(cfg.seq_len), model.num_params()
+    model = prune(model, owned, has_first, has_last).to(info.device)
+    model.flops_per_token = lambda seq_len: flops_per_token  # the summary's MFU and size: the whole model
+    model.num_params = lambda: n_params
     stage_models = [model] if len(my_stages) == 1 else [
         stage_view(model, layout["layers_of_stage"][s], s == 0, s == n_stages - 1) for s in my_stages]
     stages = [PipelineStage(sm, s, n_stages, info.device) for sm, s in zip(stage_models, my_stages)]

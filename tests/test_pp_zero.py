@@ -63,7 +63,7 @@ def max_diff(a: list[float], b: list[float]) -> float:
 def test_pp_two_processes_match_one_process(runs, schedule):
     d, reference = runs
     s = json.loads((d / schedule / "summary.json").read_text())
-    assert s["world_size"] == 2 and s["strategy"] == "pp"
+    assert s["world_size"] == 2 and s["strategy"] == "pp" and s["params"] == reference["params"]
     assert max_diff(s["losses"], reference["losses"]) <= FP32_TOL
     assert abs(s["val_loss"] - reference["val_loss"]) <= FP32_TOL
     assert [e[0] for e in s["evals"]] == [5, 10]
@@ -100,6 +100,7 @@ def test_zero_two_processes_match_one_process(runs, name):
     s = json.loads((d / name / "summary.json").read_text())
     stage = int(name[4])
     assert s["world_size"] == 2 and s["zero_stage"] == stage and s["offload_optimizer"] == ("offload" in name)
+    assert s["params"] == reference["params"]
     assert max_diff(s["losses"], reference["losses"]) <= FP32_TOL
     assert abs(s["val_loss"] - reference["val_loss"]) <= FP32_TOL
     ddp_optim = reference["memory_per_rank"][0]["optim"]  # AdamW moments: 2 x params
