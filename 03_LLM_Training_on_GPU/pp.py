@@ -17,7 +17,7 @@ While the pipeline fills and drains, stages idle: the *bubble*. With p processes
 and v stages per process its share of the step is (p-1)/(v*m + p-1) (v=1: GPipe and 1F1B); the
 zero-bubble schedule does better than this bound. It is printed at start and stored in summary.json.
 The loss is computed on the last stage and broadcast, gradients are clipped by the norm over all
-stages. One process runs every stage itself (a world of one).
+stages. One process runs the whole model as a single stage (a world of one).
 
 Launch (from the repository root):
     python 03_LLM_Training_on_GPU/pp.py --preset tiny                          # one process, 1 stage
@@ -77,7 +77,8 @@ def plan(cfg: TrainConfig, world: int, schedule: str, n_microbatches: int, virtu
     """Check the pipeline layout before any process group exists; every problem is one UserError."""
     if schedule not in SCHEDULES:
         raise UserError(f"--schedule {schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    per_rank = virtual if SCHEDULES[schedule][1] else 1
+    # one process runs the whole model as one stage (torch 2.13's eval fails between two stages of one process)
+    per_rank = virtual if SCHEDULES[schedule][1] and world > 1 else 1
     if per_rank < 1:
         raise UserError(f"--virtual-stages must be at least 1, not {per_rank}")
     n_stages = world * per_rank

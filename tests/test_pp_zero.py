@@ -154,3 +154,5 @@ def test_untied_config_lets_the_gpt2_presets_be_pipelined():
     layout = pp.plan(cfg, world=4, schedule="interleaved1f1b", n_microbatches=8, virtual=2)
     assert layout["n_stages"] == 8 and sum(map(len, layout["layers_of_stage"])) == 12
     assert layout["stage_ids"](1) == [1, 5] and layout["bubble"] == pytest.approx(3 / 19)
+    one = pp.plan(make_config(**COMMON), world=1, schedule="interleaved1f1b", n_microbatches=0, virtual=2)
+    assert one["n_stages"] == 1 and one["bubble"] == 0  # one process: the whole model is one stage
