@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
+bash 04_Finetuning/torchtune/setup.sh || echo "warning: no .venv-torchtune; its tests will be skipped" >&2
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== pytest"
