@@ -2,7 +2,7 @@
 
 Two torchrun launches in all (tests/strategy_driver.py runs several trainings per launch):
 - 2 ranks: FSDP (checkpoint every 5 steps), FSDP resumed from step 5, FSDP with activation
-  checkpointing + CPU offload, TP, TP + sequence parallel + loss parallel, FSDP and TP in fp16 (3 steps);
+  checkpointing + CPU offload, TP, TP + sequence parallel + loss parallel, FSDP and TP in fp16 (2 steps);
 - 4 ranks: FSDP x TP on a 2 x 2 mesh (+ SP + loss parallel), FSDP on 4 ranks (memory).
 Reference: ddp.py in this process (1 process = plain training), same seed, same global batch.
 
@@ -51,8 +51,8 @@ def runs(tmp_path_factory, data_dir):
                   options={"activation_checkpointing": True, "cpu_offload": True}),
         plan_step("tp", "tp.py", tmp, data_dir),
         plan_step("tp_sp", "tp.py", tmp, data_dir, options={"sequence_parallel": True, "loss_parallel": True}),
-        plan_step("fsdp_fp16", "fsdp.py", tmp, data_dir, precision="fp16", max_steps=3),
-        plan_step("tp_fp16", "tp.py", tmp, data_dir, precision="fp16", max_steps=3),
+        plan_step("fsdp_fp16", "fsdp.py", tmp, data_dir, precision="fp16", max_steps=2),
+        plan_step("tp_fp16", "tp.py", tmp, data_dir, precision="fp16", max_steps=2),
     ]
     four = [
         plan_step("fsdp_tp", "fsdp_tp.py", tmp, data_dir,
@@ -100,7 +100,7 @@ def test_fp16_with_loss_scaling_on_dtensor_gradients(runs, name):
     """torch.amp.GradScaler on sharded DTensor gradients (its inf check is reduced over the mesh)."""
     s = runs[name]
     assert s["precision"] == "fp16" and all(abs(x) < 100 for x in s["losses"])
-    assert max_diff(runs["ref"]["losses"][:3], s["losses"]) <= 5e-2
+    assert max_diff(runs["ref"]["losses"][:2], s["losses"]) <= 5e-2
 
 
 def bytes_held(mem: dict) -> int:
