@@ -225,7 +225,7 @@ def main(cfg: SFTConfig) -> dict:
         model = apply_fsdp(model, precision, distributed.make_mesh(info, dp=info.world_size))
     model.to(info.device)
     optimizer = build_optimizer(model, cfg)
-    scaler = precision.scaler()
+    scaler = precision.scaler()  # fp16 (V100): DTensor all-reduces the inf check, so ranks step alike
     before = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
     log.info(f"before: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
 

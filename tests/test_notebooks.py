@@ -10,6 +10,7 @@ NOTEBOOKS = sorted(
     p.relative_to(REPO).as_posix()
     for p in REPO.rglob("*.ipynb")
     if not SKIP_DIRS.intersection(p.relative_to(REPO).parts[:-1])
+    and not p.relative_to(REPO).parts[0].startswith(".venv")  # .venv-torchtune, .venv-unsloth (04_Finetuning)
 )
 
 
