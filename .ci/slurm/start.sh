@@ -87,7 +87,7 @@ ReturnToService=2
 EnforcePartLimits=ALL
 MinJobAge=600
 KillWait=10
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=5
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
 JobAcctGatherType=jobacct_gather/none
