@@ -31,7 +31,9 @@ _llm_activate() {
     eval "$(conda shell.bash hook)" && conda activate "$name" \
       || { _llm_env_fail "conda env '$name' not found"; return 1; }
   fi
-  echo "python: $(command -v python) ($(python --version 2>&1))"
+  # compute nodes are offline: models, tokenizers and datasets come from what the login node prepared
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+  echo "python: $(command -v python) ($(python --version 2>&1)), HF_HUB_OFFLINE=$HF_HUB_OFFLINE"
 }
 
 # venv and conda scripts are not written for `set -u`: relax it while activating
