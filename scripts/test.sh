@@ -8,6 +8,10 @@ if ! bash 04_Finetuning/torchtune/setup.sh; then  # torchtune needs its own envi
   [ -n "${CI:-}" ] && { echo "error: creating .venv-torchtune failed" >&2; exit 1; }
   echo "warning: no .venv-torchtune; its tests will be skipped" >&2
 fi
+if ! bash 04_Finetuning/unsloth/setup.sh; then  # Unsloth too (~2 min, 2.9 GB; drop these lines to skip its tests)
+  [ -n "${CI:-}" ] && { echo "error: creating .venv-unsloth failed" >&2; exit 1; }
+  echo "warning: no .venv-unsloth; its tests will be skipped" >&2
+fi
 echo "== ruff"
 .venv/bin/ruff check .
 echo "== pytest"

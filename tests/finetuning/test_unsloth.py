@@ -1,5 +1,5 @@
-"""Unsloth route, in its own environment (.venv-unsloth, made by 04_Finetuning/unsloth/setup.sh; not created
-by CI: ~3.5 min and 2.9 GB). CPU fallback: a few LoRA steps; 4-bit QLoRA only on a GPU."""
+"""Unsloth route, in its own environment (.venv-unsloth, made by 04_Finetuning/unsloth/setup.sh, which
+scripts/test.sh runs: ~2 min, 2.9 GB). CPU fallback: a few LoRA steps; 4-bit QLoRA only on a GPU."""
 
 import json
 import os
