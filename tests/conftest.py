@@ -1,18 +1,11 @@
-"""Shared fixtures: the repository root, a prepared copy of the embedded data, script loading."""
+"""Shared fixtures: a prepared copy of the embedded data. Helpers live in tests/testutil.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(ROOT))
+from testutil import ROOT  # noqa: F401  (also puts the repository root on sys.path)
 
 
 @pytest.fixture(scope="session")
@@ -23,21 +16,3 @@ def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data")
     prepare("shakespeare", d, "bpe", 4096, progress=False)
     return d
-
-
-def load_script(relpath: str):
-    """Import a chapter script (its folder name starts with a digit, so not as a package)."""
-    path = ROOT / relpath
-    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, env: dict | None = None):
-    """Run ``torchrun --standalone`` on a chapter script; returns the CompletedProcess (asserts rc 0)."""
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(ROOT / script), *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc

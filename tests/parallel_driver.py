@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import load_script  # noqa: E402
+from testutil import load_script  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.config import make_config  # noqa: E402

@@ -22,7 +22,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conftest import load_script  # noqa: E402
+from testutil import load_script  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.config import make_config  # noqa: E402

@@ -6,7 +6,7 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT
+from testutil import ROOT
 
 sys.path.insert(0, str(ROOT / "02_Notebook_Parallelism"))
 import bpe_ext  # noqa: E402

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, load_script, torchrun
+from testutil import ROOT, load_script, torchrun
 
 from common.config import load_config, make_config
 from common.errors import UserError

@@ -20,7 +20,7 @@ def test_auto_precision_follows_the_gpu():
 
 
 def test_mixed_precision_step_on_gpu(tmp_path, data_dir):
-    from conftest import load_script
+    from testutil import load_script
 
     from common.config import make_config
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script, torchrun
+from testutil import ROOT, load_script, torchrun
 
 from common.config import make_config
 from common.trainer import run_main

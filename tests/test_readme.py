@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT
+from testutil import ROOT
 
 
 def quickstart_commands() -> list[str]:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import load_script, torchrun
+from testutil import load_script, torchrun
 
 from common import checkpoint
 from common.config import make_config
