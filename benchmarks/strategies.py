@@ -138,7 +138,8 @@ def main() -> None:
     md = table(rows, a.device)
     if a.device == "cpu":  # a busy machine changes tokens/s a lot: say how busy it was
         md += (f"\n\nMeasured with torch {version('torch')} on {os.cpu_count()} cores; load average "
-               f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (a 2-core machine: a load above 2 means the runs shared the cores).")
+               f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above the number of cores: "
+               "the runs shared them with other work).")
     print(md)
     images = Path(a.images)
     images.mkdir(parents=True, exist_ok=True)
