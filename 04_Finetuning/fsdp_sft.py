@@ -25,7 +25,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sft_data  # noqa: E402
 
 from common import checkpoint, distributed  # noqa: E402
-from common.config import doc  # noqa: E402
+from common.config import add_dataclass_flags, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.metrics import JsonlLog, Throughput, peak_memory_bytes  # noqa: E402
@@ -82,12 +82,7 @@ class SFTConfig:
 
 def parse(argv: list[str] | None = None) -> SFTConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(SFTConfig):
-        flag, kind = "--" + f.name.replace("_", "-"), {"int": int, "float": float, "str": str}.get(str(f.type))
-        if kind is None:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default {f.default})")
+    add_dataclass_flags(p, SFTConfig, with_defaults=True)
     return SFTConfig(**vars(p.parse_args(argv)))
 
 

@@ -94,12 +94,24 @@ TRAIN_PRESETS: dict[str, dict] = {
 Options = dict[str, tuple[object, str]]
 
 
-def _add_flag(p: argparse.ArgumentParser, name: str, typ, help: str) -> None:
+def _add_flag(p: argparse.ArgumentParser, name: str, typ, help: str, **kw) -> None:
     flag = "--" + name.replace("_", "-")
     if typ in ("bool", bool):
-        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help)
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help, **kw)
     else:
-        p.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}.get(str(typ), typ), help=help)
+        p.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}.get(str(typ), typ), help=help,
+                       **kw)
+
+
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), with_defaults: bool = False):
+    """One ``--field-name`` flag per field of the dataclass ``cls``, with the field's help text."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        if with_defaults:
+            _add_flag(p, f.name, f.type, f"{f.metadata['help']} (default {f.default})", default=f.default)
+        else:
+            _add_flag(p, f.name, f.type, f.metadata["help"])
 
 
 def build_parser(description: str = "", options: Options | None = None) -> argparse.ArgumentParser:
@@ -110,15 +122,7 @@ def build_parser(description: str = "", options: Options | None = None) -> argpa
         group = p.add_argument_group("options of this script")
         for name, (default, help) in options.items():
             _add_flag(group, name, type(default), f"{help} (default: {default})")
-    for f in fields(TrainConfig):
-        if f.name in ("model", "options"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
-        else:
-            typ = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=typ, help=f.metadata["help"])
+    add_dataclass_flags(p, TrainConfig, skip=("model", "options"))
     return p
 
 
