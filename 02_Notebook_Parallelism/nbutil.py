@@ -16,7 +16,7 @@ from pathlib import Path
 
 CHAPTER = Path(__file__).resolve().parent
 ROOT = CHAPTER.parent
-IMAGES = CHAPTER / "images"
+IMAGES = Path(os.environ.get("NB_IMAGES_DIR") or CHAPTER / "images")  # the test suite points this elsewhere
 DATA = ROOT / "data"  # the same shard cache the chapter-03 scripts use
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -26,11 +26,14 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, threads: i
     """``torchrun --standalone --nproc_per_node=N script args`` from the repository root; returns its output.
 
     torchrun is taken from the kernel's own environment (next to ``sys.executable``). Each process gets
-    ``threads`` OpenMP threads. A failure raises with the end of the output.
+    ``threads`` OpenMP threads (spinning between ops, the fast default, unless that oversubscribes the cores).
+    A failure raises with the end of the output.
     """
     exe = Path(sys.executable).parent / "torchrun"
     cmd = [str(exe), "--standalone", f"--nproc_per_node={nproc}", script, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if nproc * threads > (os.cpu_count() or 1):  # more threads than cores: idle threads must sleep, not spin
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
@@ -53,8 +56,8 @@ def scratch(name: str) -> Path:
 
 
 def savefig(fig, name: str) -> Path:
-    """Save a figure the READMEs use to ``02_Notebook_Parallelism/images/<name>.png``."""
-    IMAGES.mkdir(exist_ok=True)
+    """Save a figure the READMEs use to ``02_Notebook_Parallelism/images/<name>.png`` (or ``$NB_IMAGES_DIR``)."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
     path = IMAGES / f"{name}.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

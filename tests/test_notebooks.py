@@ -19,7 +19,7 @@ def test_notebooks_are_found():
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
-def test_notebook_runs(notebook):
+def test_notebook_runs(notebook, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat not installed (test dependency)")
     nbclient = pytest.importorskip("nbclient", reason="nbclient not installed (test dependency)")
     pytest.importorskip("ipykernel", reason="ipykernel not installed (test dependency)")
@@ -27,7 +27,12 @@ def test_notebook_runs(notebook):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # committed notebooks carry no outputs
         assert not cell.get("outputs"), f"{notebook}: clear the outputs before committing"
+    monkeypatch.setenv("NB_IMAGES_DIR", str(tmp_path / "images"))  # keep the committed figures untouched
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
+    if notebook.startswith("02_Notebook_Parallelism/"):  # figures the READMEs use are saved, and they are images
+        saved = sorted((tmp_path / "images").glob("*.png"))
+        assert saved, f"{notebook} saved no figure"
+        assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in saved)
