@@ -88,6 +88,22 @@ def test_ddp_multinode_on_v100(cluster):
     assert summary(cluster, job)["world_size"] == 2
 
 
+def test_srun_without_torchrun_two_nodes(cluster):
+    """`srun python ddp.py`: one Slurm task per process, ranks and rendezvous from Slurm's variables."""
+    env = {**cluster.env, "PATH": f"{cluster.env['LLM_VENV']}/bin:{cluster.env['PATH']}"}  # an activated env
+    cmd = ["srun", "-p", "v100", "-N", "2", "--ntasks-per-node=2", "--time=5", "python",
+           "03_LLM_Training_on_GPU/ddp.py", "--preset", "tiny", "--max-steps", "20", "--log-interval", "5",
+           "--eval-batches", "2", "--sample-tokens", "0", "--no-progress", "--out-dir", "runs/srun-ddp"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=cluster.sandbox, env=env, capture_output=True, text=True, timeout=300)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-4000:]
+    assert "ddp: 4 process(es) on cpu (gloo)" in log, log[-4000:]
+    curve = losses(log)
+    assert curve[-1][0] == 20 and curve[-1][1] < curve[0][1] - 0.5, curve
+    result = json.loads((cluster.sandbox / "runs/srun-ddp/summary.json").read_text())
+    assert result["world_size"] == 4 and result["steps"] == 20
+
+
 def test_time_limit_checkpoint_requeue_resume(cluster, ddp_reference):
     """A short time limit: the warning signal makes the trainer checkpoint, the job requeues
     itself, resumes from the checkpoint and ends exactly like the uninterrupted reference run.
