@@ -16,7 +16,8 @@ Launch (from the repository root; the model is an HF folder or a hub name fetche
         --model meta-llama/Llama-3.2-1B-Instruct --data hf:HuggingFaceH4/no_robots --activation-checkpointing
     sbatch 04_Finetuning/fsdp_sft.slurm --model runs/base-tiny/hf
 Outputs in --out-dir: summary.json, log.jsonl, checkpoints/step_N (sharded DCP), hf/ (merged model
-+ tokenizer, loads with AutoModelForCausalLM), adapter/ (LoRA only). Options: ``--help``.
++ tokenizer, loads with AutoModelForCausalLM), adapter/ (LoRA only). SIGUSR1 (Slurm's time-limit warning)
+saves a checkpoint and stops; ``--resume`` continues from it with the same losses. Options: ``--help``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from common.distributed import log  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from common.metrics import JsonlLog, Throughput, peak_memory_bytes  # noqa: E402
 from common.precision import choose_precision, describe  # noqa: E402
-from common.trainer import build_optimizer, lr_at  # noqa: E402
+from common.trainer import Signals, build_optimizer, lr_at  # noqa: E402
 
 
 @dataclass
@@ -73,6 +74,7 @@ class SFTConfig:
     activation_checkpointing: bool = doc("recompute layer activations in backward (less memory)", False)
     out_dir: str = doc("run folder", "runs/sft")
     ckpt_interval: int = doc("sharded checkpoint every N steps (0 = only at the end)", 0)
+    resume: bool = doc("continue from the latest checkpoint in out_dir if there is one", False)
     max_new_tokens: int = doc("longest generated answer for exact match", 16)
     eval_batch_size: int = doc("examples per evaluation batch per process", 16)
     log_interval: int = doc("log every N steps", 10)
@@ -221,56 +223,74 @@ def main(cfg: SFTConfig) -> dict:
     model.to(info.device)
     optimizer = build_optimizer(model, cfg)
     scaler = precision.scaler()  # fp16 (V100): DTensor all-reduces the inf check, so ranks step alike
-    before = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
+    start, losses, before = 0, [], None
+    resume_from = checkpoint.latest(out) if cfg.resume else None
+    if resume_from:  # weights, optimizer, RNG; the data order is a function of the step
+        state = checkpoint.load(resume_from, model, optimizer, info)
+        start, losses, before = state["step"], state["losses"], state["before"]
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        log.info(f"resumed from {resume_from} at step {start}")
+    if before is None:
+        before = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
     log.info(f"before: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
+
+    def save(step: int) -> Path:
+        return checkpoint.save(out, step, model, optimizer, info, {
+            "losses": losses, "before": before, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
     per_rank = cfg.batch_size // info.world_size
     micro = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= cfg.micro_batch_size)
-    jsonl, meter, losses = JsonlLog(out / "log.jsonl" if info.is_main else None), Throughput(), []
+    jsonl, meter = JsonlLog(out / "log.jsonl" if info.is_main else None), Throughput()
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training examples are fewer than one batch of {cfg.batch_size}")
     model.train()
-    for step in range(cfg.max_steps):
-        meter.start()
-        epoch, k = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-        batch = [train_tok[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-        length = max(len(x) for x, _ in batch)  # pad the global batch alike on every rank
-        n_target = sum(sum(t != sft_data.IGNORE for t in y[1:]) for _, y in batch)
-        ids, mask, labels = collate(batch[info.rank * per_rank : (info.rank + 1) * per_rank],
-                                    tokenizer.pad_token_id, length)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        total = 0.0
-        for m in range(0, per_rank, micro):
-            if info.world_size > 1:  # reduce-scatter gradients only after the last micro-batch
-                model.set_requires_gradient_sync(m + micro >= per_rank)
-            with precision.autocast():
-                s, _ = token_loss_sum(model, *(t[m : m + micro].to(info.device) for t in (ids, mask, labels)))
-            # mean over the global batch's answer tokens; FSDP averages gradients over ranks, so x world
-            scaler.scale(s * info.world_size / n_target).backward()
-            total += s.item() / n_target
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                              cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss = distributed.all_reduce_mean(total, info) * info.world_size
-        tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
-        losses.append(loss)
-        jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s)
-        if (step + 1) % cfg.log_interval == 0 or step == 0:
-            log.info(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | grad_norm {float(norm):.3f} | "
-                     f"{tok_s:,.0f} tok/s")
-        if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
-            checkpoint.save(out, step + 1, model, optimizer, info, {"losses": losses})
+    with Signals() as signals:  # Slurm's USR1 before the time limit (or TERM): checkpoint and stop
+        for step in range(start, cfg.max_steps):
+            meter.start()
+            epoch, k = divmod(step, steps_per_epoch)
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+            batch = [train_tok[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+            length = max(len(x) for x, _ in batch)  # pad the global batch alike on every rank
+            n_target = sum(sum(t != sft_data.IGNORE for t in y[1:]) for _, y in batch)
+            ids, mask, labels = collate(batch[info.rank * per_rank : (info.rank + 1) * per_rank],
+                                        tokenizer.pad_token_id, length)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            total = 0.0
+            for m in range(0, per_rank, micro):
+                if info.world_size > 1:  # reduce-scatter gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(m + micro >= per_rank)
+                with precision.autocast():
+                    s, _ = token_loss_sum(model, *(t[m : m + micro].to(info.device) for t in (ids, mask, labels)))
+                # mean over the global batch's answer tokens; FSDP averages gradients over ranks, so x world
+                scaler.scale(s * info.world_size / n_target).backward()
+                total += s.item() / n_target
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                  cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            loss = distributed.all_reduce_mean(total, info) * info.world_size
+            tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
+            losses.append(loss)
+            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s)
+            if (step + 1) % cfg.log_interval == 0 or step == 0:
+                log.info(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | grad_norm {float(norm):.3f} | "
+                         f"{tok_s:,.0f} tok/s")
+            if distributed.any_rank(signals.received is not None, info):
+                path = save(step + 1)
+                log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
+                return {"preempted": True, "step": step + 1}
+            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
+                save(step + 1)
     after = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
     log.info(f"after:  val loss {after['val_loss']:.4f} | exact match {after['exact_match']:.1%} | "
              f"e.g. {after['example_prediction']!r}")
-    checkpoint.save(out, cfg.max_steps, model, optimizer, info, {"losses": losses})
+    save(cfg.max_steps)
     save_hf(model, tokenizer, cfg, info, out)
     summary = dict(model=cfg.model, lora=cfg.lora, world_size=info.world_size, device=info.device.type,
                    precision=precision.name, steps=cfg.max_steps, trainable_params=n_train, params=n_all,

@@ -95,10 +95,12 @@ def build_model(run: Run, device: torch.device | str | None = None) -> GPT:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not norms)."""
+    """AdamW; weight decay on matrices only (not norms). No empty group (LoRA trains matrices only):
+    a sharded checkpoint cannot name an empty group, so loading it would fail."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 
@@ -118,7 +120,7 @@ def micro_batches(x: torch.Tensor, y: torch.Tensor, n: int):
     return zip(x.chunk(n), y.chunk(n))
 
 
-class _Signals:
+class Signals:
     """Remember SIGUSR1 (Slurm's warning before the time limit) and SIGTERM; act at a step boundary."""
 
     def __init__(self):
@@ -193,7 +195,7 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     bar = tqdm(total=cfg.max_steps, initial=start, desc=run.strategy, disable=not (cfg.progress and info.is_main),
                mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
     model.train()
-    with _Signals() as signals:
+    with Signals() as signals:
         for step in range(start, cfg.max_steps):
             meter.start()
             lr = lr_at(step, cfg)

@@ -3,11 +3,13 @@ improvement over the base model, LoRA (only adapters train; adapter + merged mod
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from ftutil import ROOT, load_chapter
 
@@ -85,6 +87,28 @@ def test_lora_trains_only_adapters_saves_and_merges(tmp_path, base_model):
     ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, base_model, monkeypatch, lora):
+    """SIGUSR1 (Slurm's time-limit warning) -> checkpoint + stop; --resume finishes like a straight run."""
+    short = dict(max_steps=5, val_examples=8, max_new_tokens=2, lora=lora, lr=1e-2 if lora else 3e-3)
+    straight = sft.main(config(base_model, tmp_path / "straight", **short))
+    original = sft.lr_at
+
+    def lr_with_signal(step, cfg):  # the warning arrives during step 3
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(step, cfg)
+
+    monkeypatch.setattr(sft, "lr_at", lr_with_signal)
+    assert sft.main(config(base_model, tmp_path / "split", **short)) == {"preempted": True, "step": 3}
+    assert not (tmp_path / "split" / "summary.json").exists()
+    monkeypatch.setattr(sft, "lr_at", original)
+    resumed = sft.main(config(base_model, tmp_path / "split", resume=True, **short))
+    assert len(resumed["losses"]) == 5 and resumed["before"] == straight["before"]
+    assert max(abs(a - b) for a, b in zip(straight["losses"], resumed["losses"])) <= 1e-6
+    assert abs(straight["after"]["val_loss"] - resumed["after"]["val_loss"]) <= 1e-6
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, base_model):
