@@ -43,7 +43,7 @@ from common import checkpoint, distributed  # noqa: E402
 from common.config import add_dataclass_flags, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.metrics import JsonlLog, Throughput, peak_memory_bytes  # noqa: E402
+from common.metrics import JsonlLog, Throughput, peak_memory_bytes, peak_tflops  # noqa: E402
 from common.precision import choose_precision, describe  # noqa: E402
 from common.trainer import Signals, build_optimizer, lr_at  # noqa: E402
 
@@ -79,6 +79,7 @@ class SFTConfig:
     eval_batch_size: int = doc("examples per evaluation batch per process", 16)
     log_interval: int = doc("log every N steps", 10)
     threads: int = doc("CPU threads per process (0 = cores / processes)", 0)
+    peak_tflops: float = doc("peak TFLOP/s per device for MFU (0 = from the device table or measured)", 0.0)
     timeout_s: int = doc("collective timeout in seconds", 600)
 
 
@@ -242,6 +243,10 @@ def main(cfg: SFTConfig) -> dict:
     per_rank = cfg.batch_size // info.world_size
     micro = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= cfg.micro_batch_size)
     jsonl, meter = JsonlLog(out / "log.jsonl" if info.is_main else None), Throughput()
+    # model FLOPs per token: forward 2N, backward 4N; LoRA skips the frozen weights' gradients (2N)
+    flops_per_token = (4 if cfg.lora else 6) * n_all
+    peak, peak_src = peak_tflops(info.device, precision.name, cfg.peak_tflops)
+    log.info(f"peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src}) for MFU")
     steps_per_epoch = len(train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(train)} training examples are fewer than one batch of {cfg.batch_size}")
@@ -276,11 +281,12 @@ def main(cfg: SFTConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss = distributed.all_reduce_mean(total, info) * info.world_size
             tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
+            mfu = flops_per_token * tok_s / (peak * 1e12 * info.world_size) if peak else None
             losses.append(loss)
-            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s)
+            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s, mfu=mfu)
             if (step + 1) % cfg.log_interval == 0 or step == 0:
                 log.info(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | grad_norm {float(norm):.3f} | "
-                         f"{tok_s:,.0f} tok/s")
+                         f"{tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
             if distributed.any_rank(signals.received is not None, info):
                 path = save(step + 1)
                 log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
@@ -295,6 +301,7 @@ def main(cfg: SFTConfig) -> dict:
     summary = dict(model=cfg.model, lora=cfg.lora, world_size=info.world_size, device=info.device.type,
                    precision=precision.name, steps=cfg.max_steps, trainable_params=n_train, params=n_all,
                    losses=losses, before=before, after=after, tokens_per_s=meter.tokens_per_s,
+                   mfu=flops_per_token * meter.tokens_per_s / (peak * 1e12 * info.world_size) if peak else None,
                    peak_memory_bytes=peak_memory_bytes(info.device))
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
