@@ -19,6 +19,7 @@ run_requeueable() {
     rc=0; wait "$_step" || rc=$?
     kill -0 "$_step" 2>/dev/null || break
   done
+  rc=0; wait "$_step" || rc=$?  # the step's own status (bash keeps it), not that of an interrupted wait
   if [ "$_requeue" = 1 ]; then
     echo "requeueing job $SLURM_JOB_ID to resume from the checkpoint"
     scontrol requeue "$SLURM_JOB_ID"

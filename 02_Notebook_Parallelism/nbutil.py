@@ -32,7 +32,8 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, threads: i
     exe = Path(sys.executable).parent / "torchrun"
     cmd = [str(exe), "--standalone", f"--nproc_per_node={nproc}", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if nproc * threads > (os.cpu_count() or 1):  # more threads than cores: idle threads must sleep, not spin
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc * threads > cores:  # more threads than cores (ours, e.g. in a Slurm job): idle threads must sleep
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -114,6 +114,18 @@ def add_lora(model, cfg: SFTConfig):
     return get_peft_model(model, lora)
 
 
+def flops_per_token(model, lora: bool) -> tuple[int, int]:
+    """Training FLOPs per token = a + b * seq_len (as ``GPT.flops_per_token``, PaLM appendix B): 6 per matmul
+    weight (forward 2, backward 4; a frozen weight under LoRA skips its own gradient: 4) plus attention scores.
+    The input embedding is a lookup, not a matmul (unless it is tied to the output layer)."""
+    c = model.config
+    matmul = [p for p in model.parameters() if p.dim() == 2]
+    total = sum(p.numel() for p in matmul)
+    total -= 0 if c.tie_word_embeddings else model.get_input_embeddings().weight.numel()
+    trained = sum(p.numel() for p in matmul if p.requires_grad)
+    return (4 * total + 2 * trained if lora else 6 * total), 12 * c.num_hidden_layers * c.hidden_size
+
+
 def apply_fsdp(model, precision, mesh):
     """fully_shard each decoder layer, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -216,6 +228,7 @@ def main(cfg: SFTConfig) -> dict:
     val_tok = [sft_data.tokenize(tokenizer, ex, cfg.max_len) for ex in val]
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
+    flops_a, flops_b = flops_per_token(model, cfg.lora)  # before sharding: full shapes
     log.info(f"fsdp_sft: {info.world_size} process(es) on {info.device.type} | {describe(precision)} | "
              f"{'LoRA' if cfg.lora else 'full'}: {n_train:,} of {n_all:,} parameters trained | "
              f"{len(train)} train / {len(val)} val examples")
@@ -228,7 +241,7 @@ def main(cfg: SFTConfig) -> dict:
     resume_from = checkpoint.latest(out) if cfg.resume else None
     if resume_from:  # weights, optimizer, RNG; the data order is a function of the step
         state = checkpoint.load(resume_from, model, optimizer, info)
-        start, losses, before = state["step"], state["losses"], state["before"]
+        start, losses, before = state["step"], state["losses"], state.get("before")
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         log.info(f"resumed from {resume_from} at step {start}")
@@ -243,8 +256,7 @@ def main(cfg: SFTConfig) -> dict:
     per_rank = cfg.batch_size // info.world_size
     micro = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= cfg.micro_batch_size)
     jsonl, meter = JsonlLog(out / "log.jsonl" if info.is_main else None), Throughput()
-    # model FLOPs per token: forward 2N, backward 4N; LoRA skips the frozen weights' gradients (2N)
-    flops_per_token = (4 if cfg.lora else 6) * n_all
+    lengths = []  # padded sequence length per step, for the attention FLOPs
     peak, peak_src = peak_tflops(info.device, precision.name, cfg.peak_tflops)
     log.info(f"peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src}) for MFU")
     steps_per_epoch = len(train) // cfg.batch_size
@@ -281,7 +293,8 @@ def main(cfg: SFTConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss = distributed.all_reduce_mean(total, info) * info.world_size
             tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
-            mfu = flops_per_token * tok_s / (peak * 1e12 * info.world_size) if peak else None
+            lengths.append(length)
+            mfu = (flops_a + flops_b * length) * tok_s / (peak * 1e12 * info.world_size) if peak else None
             losses.append(loss)
             jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s, mfu=mfu)
             if (step + 1) % cfg.log_interval == 0 or step == 0:
@@ -298,10 +311,12 @@ def main(cfg: SFTConfig) -> dict:
              f"e.g. {after['example_prediction']!r}")
     save(cfg.max_steps)
     save_hf(model, tokenizer, cfg, info, out)
+    mean_flops = flops_a + flops_b * float(np.mean(lengths or [0]))
+    mfu_all = mean_flops * meter.tokens_per_s / (peak * 1e12 * info.world_size) if peak else None
     summary = dict(model=cfg.model, lora=cfg.lora, world_size=info.world_size, device=info.device.type,
                    precision=precision.name, steps=cfg.max_steps, trainable_params=n_train, params=n_all,
                    losses=losses, before=before, after=after, tokens_per_s=meter.tokens_per_s,
-                   mfu=flops_per_token * meter.tokens_per_s / (peak * 1e12 * info.world_size) if peak else None,
+                   mfu=mfu_all,
                    peak_memory_bytes=peak_memory_bytes(info.device))
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

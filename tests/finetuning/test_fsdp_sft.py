@@ -70,6 +70,16 @@ def test_two_fsdp_ranks_match_one_process_and_improve_on_the_base(tmp_path, base
     assert AutoTokenizer.from_pretrained(tmp_path / "two" / "hf").chat_template  # saved with the template
 
 
+def test_mfu_flops_match_chapter_03(base_model):
+    """fsdp_sft's FLOPs per token for an HF model == GPT.flops_per_token of the same weights (common/model.py)."""
+    from transformers import AutoModelForCausalLM
+
+    from common.hf import import_hf
+
+    a, b = sft.flops_per_token(AutoModelForCausalLM.from_pretrained(base_model, local_files_only=True), lora=False)
+    assert a + b * 128 == import_hf(base_model).flops_per_token(128)
+
+
 def test_lora_trains_only_adapters_saves_and_merges(tmp_path, base_model):
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -107,8 +117,10 @@ def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, base_model,
     monkeypatch.setattr(sft, "lr_at", lr_with_signal)
     assert sft.main(config(base_model, tmp_path / "split", **short)) == {"preempted": True, "step": 3}
     assert not (tmp_path / "split" / "summary.json").exists()
-    monkeypatch.setattr(sft, "lr_at", original)
+    seen = []  # the steps the resumed run trains: only 3 and 4 (0-based), or it did not resume
+    monkeypatch.setattr(sft, "lr_at", lambda step, cfg: seen.append(step) or original(step, cfg))
     resumed = sft.main(config(base_model, tmp_path / "split", resume=True, **short))
+    assert sorted(set(seen)) == [3, 4], seen
     assert len(resumed["losses"]) == 5 and resumed["before"] == straight["before"]
     assert max(abs(a - b) for a, b in zip(straight["losses"], resumed["losses"])) <= 1e-6
     assert abs(straight["after"]["val_loss"] - resumed["after"]["val_loss"]) <= 1e-6
