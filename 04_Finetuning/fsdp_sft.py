@@ -43,7 +43,7 @@ from common import checkpoint, distributed  # noqa: E402
 from common.config import add_dataclass_flags, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.metrics import JsonlLog, Throughput, peak_memory_bytes, peak_tflops  # noqa: E402
+from common.metrics import JsonlLog, Throughput, mfu, peak_memory_bytes, peak_tflops  # noqa: E402
 from common.precision import choose_precision, describe  # noqa: E402
 from common.trainer import Signals, build_optimizer, lr_at  # noqa: E402
 
@@ -294,12 +294,12 @@ def main(cfg: SFTConfig) -> dict:
             loss = distributed.all_reduce_mean(total, info) * info.world_size
             tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
             lengths.append(length)
-            mfu = (flops_a + flops_b * length) * tok_s / (peak * 1e12 * info.world_size) if peak else None
+            step_mfu = mfu(flops_a + flops_b * length, tok_s, peak, info.world_size)
             losses.append(loss)
-            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s, mfu=mfu)
+            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s, mfu=step_mfu)
             if (step + 1) % cfg.log_interval == 0 or step == 0:
                 log.info(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | grad_norm {float(norm):.3f} | "
-                         f"{tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+                         f"{tok_s:,.0f} tok/s" + (f" | mfu {step_mfu:.1%}" if step_mfu else ""))
             if distributed.any_rank(signals.received is not None, info):
                 path = save(step + 1)
                 log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
@@ -312,11 +312,10 @@ def main(cfg: SFTConfig) -> dict:
     save(cfg.max_steps)
     save_hf(model, tokenizer, cfg, info, out)
     mean_flops = flops_a + flops_b * float(np.mean(lengths or [0]))
-    mfu_all = mean_flops * meter.tokens_per_s / (peak * 1e12 * info.world_size) if peak else None
     summary = dict(model=cfg.model, lora=cfg.lora, world_size=info.world_size, device=info.device.type,
                    precision=precision.name, steps=cfg.max_steps, trainable_params=n_train, params=n_all,
                    losses=losses, before=before, after=after, tokens_per_s=meter.tokens_per_s,
-                   mfu=mfu_all,
+                   mfu=mfu(mean_flops, meter.tokens_per_s, peak, info.world_size),
                    peak_memory_bytes=peak_memory_bytes(info.device))
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

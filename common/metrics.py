@@ -86,6 +86,11 @@ def memory_breakdown(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return out
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak of all devices (None without a peak)."""
+    return flops_per_token * tokens_per_s / (peak * 1e12 * devices) if peak else None
+
+
 class Throughput:
     """Tokens/s over the steps after the first (which includes warm-up and allocation)."""
 

@@ -26,7 +26,7 @@ from common import checkpoint, distributed
 from common.config import TrainConfig, UserError
 from common.data import Sampler, TokenData, prepare
 from common.distributed import DistInfo, log
-from common.metrics import JsonlLog, Throughput, memory_breakdown, peak_memory_bytes, peak_tflops, plot_losses
+from common.metrics import JsonlLog, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops, plot_losses
 from common.model import GPT
 from common.precision import Precision, choose_precision, describe
 
@@ -214,15 +214,15 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
             tok_s = meter.stop(tokens_per_step)
             losses.append(loss)
             bar.update(1)
-            mfu = flops_per_token * tok_s / (peak * 1e12 * info.world_size) if peak else None
-            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, mfu=mfu)
+            step_mfu = mfu(flops_per_token, tok_s, peak, info.world_size)
+            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, mfu=step_mfu)
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.max_steps:
                 record["val_loss"] = evaluate()
                 evals.append([step + 1, record["val_loss"]])
             jsonl.write(**record)
             if (step + 1) % cfg.log_interval == 0 or step == start or "val_loss" in record:
                 line = (f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
-                        f"{float(grad_norm):.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu else ""))
+                        f"{float(grad_norm):.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {step_mfu:.1%}" if step_mfu else ""))
                 if "val_loss" in record:
                     line += f" | val_loss {record['val_loss']:.4f}"
                 bar.write(line) if info.is_main and not bar.disable else log.info(line)
@@ -249,7 +249,7 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
         device_name=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
         precision=run.precision.name, steps=cfg.max_steps, final_loss=losses[-1], val_loss=val_loss,
         tokens_per_s=meter.tokens_per_s,
-        mfu=flops_per_token * meter.tokens_per_s / (peak * 1e12 * info.world_size) if peak else None,
+        mfu=mfu(flops_per_token, meter.tokens_per_s, peak, info.world_size),
         peak_tflops_per_device=peak, peak_memory_bytes=max(m["peak"] for m in per_rank),
         memory_per_rank=per_rank, params=raw_model.num_params() if hasattr(raw_model, "num_params") else None,
         threads_per_process=torch.get_num_threads() if info.device.type == "cpu" else None,

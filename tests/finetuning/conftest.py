@@ -31,3 +31,12 @@ def base_model(tmp_path_factory, data_dir) -> Path:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["losses"][-1] < summary["losses"][0] - 1.0  # the pretraining learned something
     return hf
+
+
+@pytest.fixture(scope="session")
+def chat_data(base_model, tmp_path_factory) -> Path:
+    """``torchtune/prepare.py``: chat examples as JSON + the tokenizer files (torchtune and Unsloth read them)."""
+    out = tmp_path_factory.mktemp("chat-data")
+    load_chapter("torchtune/prepare").main(["--model", str(base_model), "--out-dir", str(out),
+                                            "--train-examples", "200", "--val-examples", "16"])
+    return out

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from ftutil import ROOT, load_chapter
+from ftutil import ROOT
 
 PY = ROOT / ".venv-unsloth" / "bin" / "python"
 SCRIPT = ROOT / "04_Finetuning" / "unsloth" / "unsloth_sft.py"
@@ -18,23 +18,15 @@ def has_gpu() -> bool:
     return subprocess.run([str(PY), "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"]).returncode == 0
 
 
-@pytest.fixture(scope="module")
-def sft_json(base_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft-data")
-    load_chapter("torchtune/prepare").main(["--model", str(base_model), "--out-dir", str(out),
-                                            "--train-examples", "200", "--val-examples", "16"])
-    return out
-
-
 def run(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([str(PY), str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def test_lora_on_the_cpu_fallback(base_model, sft_json, tmp_path):
+def test_lora_on_the_cpu_fallback(base_model, chat_data, tmp_path):
     out = tmp_path / "u"
-    proc = run("--model", str(base_model), "--data-dir", str(sft_json), "--out-dir", str(out), "--max-steps", "4",
+    proc = run("--model", str(base_model), "--data-dir", str(chat_data), "--out-dir", str(out), "--max-steps", "4",
                "--batch-size", "4", "--val-examples", "8", "--max-new-tokens", "4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -44,8 +36,8 @@ def test_lora_on_the_cpu_fallback(base_model, sft_json, tmp_path):
     assert s["device"] == ("cuda" if has_gpu() else "cpu")
 
 
-def test_qlora_needs_a_gpu(base_model, sft_json, tmp_path):
+def test_qlora_needs_a_gpu(base_model, chat_data, tmp_path):
     if has_gpu():
         pytest.skip("a GPU is present: QLoRA runs in tests/gpu instead")
-    proc = run("--model", str(base_model), "--data-dir", str(sft_json), "--qlora", timeout=120)
+    proc = run("--model", str(base_model), "--data-dir", str(chat_data), "--qlora", timeout=120)
     assert proc.returncode != 0 and "--qlora needs a CUDA GPU" in proc.stderr
