@@ -2,7 +2,9 @@
 
 Prints Python, torch, CUDA, NCCL, every visible GPU (compute capability, memory, bf16) and the
 precision this project will choose, then the versions of the libraries later chapters use.
-Exits with 1 and says what is missing when a required package cannot be imported.
+Exits with 1 and says what is missing when a required package cannot be imported, and with 1 and one
+line naming the cause and the fix when GPUs were asked for (a Slurm GPU grant, or LLM_DEVICE=cuda) but
+torch cannot use them (a CPU-only torch, a driver too old). LLM_DEVICE=cpu says "CPU on purpose".
 
     python 01_Basics/check_env.py          # on the login node, or in a job:
     sbatch 01_Basics/hello.slurm           # runs this on a compute node
@@ -79,12 +81,25 @@ def main() -> int:
             print("\n".join(torch_report()))
         except Exception as e:
             missing.append(f"common.precision: {type(e).__name__}: {e}")
+    gpu_error = None
+    if not missing:
+        from common.distributed import pick_device
+        from common.errors import UserError
+
+        requested = os.environ.get("LLM_DEVICE", "auto")
+        try:
+            print(f"device       {requested} -> {pick_device(requested, 0)}")
+        except UserError as e:
+            gpu_error = str(e)
     print("packages:")
     for name in OPTIONAL:
         print(f"  {name:<13}{package_version(name)}")
     if missing:
         print("\nMISSING (required):", *missing, sep="\n  ", file=sys.stderr)
         print("Set up the environment: bash scripts/setup.sh (see 01_Basics/README.md)", file=sys.stderr)
+        return 1
+    if gpu_error:
+        print(f"\nGPU ERROR: {gpu_error}", file=sys.stderr)
         return 1
     print("environment OK")
     return 0

@@ -5,9 +5,12 @@
   head node comes from SLURM_JOB_NODELIST and the port from the job id.
 - plain ``python script.py`` is a world of one: no process group is created.
 
-Device and backend are chosen automatically (CUDA -> NCCL, CPU -> gloo). On CPU every process gets
-``cores / processes on this node`` threads: oversubscribed OpenMP threads spin-wait for each other
-and made a trainer 6x slower on a 2-core machine.
+Device and backend are chosen automatically (CUDA -> NCCL, CPU -> gloo), loudly: GPUs that were asked
+for (``--device cuda``, or a Slurm GPU grant with ``--device auto``) but that torch cannot use stop the
+run with one line that names the cause and the fix, instead of a silent CPU run. Every process gets
+``allocated cores / processes on this node`` threads, on GPU nodes too: oversubscribed OpenMP threads
+spin-wait for each other (a trainer ran 6x slower on a 2-core machine), and one thread per process
+(torchrun's default) starves CPU work such as an offloaded optimizer.
 """
 
 from __future__ import annotations
@@ -68,27 +71,85 @@ def _slurm_rendezvous() -> None:
     os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", 0)) % 1000))
 
 
+def slurm_gpu_grant() -> str | None:
+    """The Slurm variable that says this job or step was granted GPUs (e.g. ``SLURM_GPUS_ON_NODE=4``), else None.
+
+    CUDA_VISIBLE_DEVICES alone proves nothing (the local test cluster sets it for device files without a
+    driver; a user may export it by hand), so it is not consulted."""
+    for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+        value = os.environ.get(var, "").strip()
+        if value and value not in ("0", "(null)", "N/A"):
+            return f"{var}={value}"
+    return None
+
+
+def cuda_problem() -> str:
+    """Why torch cannot use a GPU here, and the fix, as part of one line."""
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build: build the GPU environment on the login "
+                f"node with `bash scripts/setup.sh --cuda cu126` (or point LLM_VENV/LLM_CONDA_ENV in "
+                f"01_Basics/site.env at a CUDA environment)")
+    try:
+        torch.cuda.init()
+        reason = f"torch.cuda.device_count() is {torch.cuda.device_count()}"
+    except Exception as e:  # no driver, a driver too old for this CUDA build, no device node
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use a GPU ({reason}): "
+            f"check `nvidia-smi` on the node; if the driver is older than CUDA {torch.version.cuda} needs, "
+            f"rebuild with an older CUDA, e.g. `bash scripts/setup.sh --cuda cu118`")
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
+    """cpu or cuda:N for this process; a GPU that was asked for (by --device cuda, or by Slurm granting
+    GPUs with --device auto) but cannot be used is an error, never a silent CPU run."""
     if requested not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not {requested!r}")
-    # A Slurm GPU request sets CUDA_VISIBLE_DEVICES even where no driver exists: ask CUDA itself.
+    if requested == "cpu":
+        return torch.device("cpu")
     has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if requested == "cuda" and not has_cuda:
-        raise UserError("--device cuda was requested but no CUDA GPU is usable here "
-                        "(torch.cuda.is_available() is False); use --device cpu or auto")
-    if requested == "cpu" or not has_cuda:
+    grant = slurm_gpu_grant()
+    if not has_cuda:
+        if requested == "cuda":
+            raise UserError(f"--device cuda was requested but {cuda_problem()}")
+        if grant:
+            raise UserError(f"Slurm granted GPUs ({grant}) but {cuda_problem()}; to train on the CPU on "
+                            f"purpose pass --device cpu (or export LLM_DEVICE=cpu)")
+        log.info("device auto -> cpu: torch sees no GPU and Slurm granted none")
         return torch.device("cpu")
     n = torch.cuda.device_count()
-    if local_rank >= n:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if "TORCHELASTIC_RUN_ID" in os.environ and local_world > n:
+        # torchrun starts every local process with the same visible GPUs: they must be enough
+        raise UserError(f"torchrun started {local_world} processes on this node but only {n} GPU(s) are "
+                        f"visible: use --nproc_per_node={n} (or NPROC_PER_NODE={n})")
+    if n == 1:
+        index, why = 0, "one GPU visible to this process (e.g. srun --gpus-per-task=1)"
+    elif local_rank < n:
+        index, why = local_rank, f"local rank {local_rank} of {n} visible GPUs"
+    else:
         raise UserError(f"local rank {local_rank} has no GPU: {n} visible on this node; "
                         f"launch at most {n} processes per node")
-    return torch.device("cuda", local_rank)
+    if requested == "auto":
+        log.info(f"device auto -> cuda:{index}: {why}")
+    return torch.device("cuda", index)
+
+
+def cpu_budget() -> int:
+    """Cores the processes of this launch may use on this node: the CPU affinity, capped by what Slurm
+    allocated (a site that binds no cores shows the whole node as the affinity)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if os.environ.get(var, "").isdigit():
+            return max(1, min(cores, int(os.environ[var])))
+    return cores
 
 
 def set_cpu_threads(local_world_size: int, threads: int = 0) -> int:
-    """Give each process an equal share of this node's cores (or ``threads`` if given)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = threads or max(1, cores // max(1, local_world_size))
+    """Give each process an equal share of the cores it may use (or ``threads`` if given).
+
+    Also on GPU nodes: CPU work (data, ``--cpu-offload``'s optimizer) should not run on one thread, which
+    is what torchrun's OMP_NUM_THREADS=1 would give."""
+    n = threads or max(1, cpu_budget() // max(1, local_world_size))
     torch.set_num_threads(n)
     return n
 
@@ -101,8 +162,9 @@ def init(device: str = "auto", backend: str | None = None, timeout_s: int = 600,
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        set_cpu_threads(local_world, threads)
+    # in a Slurm task of several, the task's own CPUs are its share (local_world already divided them)
+    slurm_task = "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_STEP_ID" in os.environ and world > 1
+    set_cpu_threads(1 if slurm_task and os.environ.get("SLURM_CPUS_PER_TASK") else local_world, threads)
     info = DistInfo(rank, world, local_rank, local_world, dev, backend)
     if world > 1 and not dist.is_initialized():
         if "RANK" not in os.environ:
