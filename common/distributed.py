@@ -76,9 +76,9 @@ def slurm_gpu_grant() -> str | None:
 
     CUDA_VISIBLE_DEVICES alone proves nothing (the local test cluster sets it for device files without a
     driver; a user may export it by hand), so it is not consulted."""
-    for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):
+    for var in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE"):  # GPU indices, indices, a count
         value = os.environ.get(var, "").strip()
-        if value and value not in ("0", "(null)", "N/A"):
+        if value and value not in ("(null)", "N/A") and not (var == "SLURM_GPUS_ON_NODE" and value == "0"):
             return f"{var}={value}"
     return None
 

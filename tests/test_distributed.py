@@ -64,7 +64,7 @@ def no_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("var,value", [("SLURM_GPUS_ON_NODE", "4"), ("SLURM_JOB_GPUS", "0,1"),
-                                       ("SLURM_STEP_GPUS", "2")])
+                                       ("SLURM_STEP_GPUS", "2"), ("SLURM_JOB_GPUS", "0")])
 def test_slurm_gpu_grant_without_usable_gpu_is_one_line_error(no_gpu, var, value):
     no_gpu.setenv(var, value)
     with pytest.raises(UserError) as e:

@@ -2,6 +2,8 @@
 # Start a throw-away 4-node Slurm cluster on this one machine (for CI and local testing).
 #   nodes a100-1 a100-2 (partition a100, default) and v100-1 v100-2 (partition v100),
 #   each with 4 fake GPUs; one slurmd per node, each in its own UTS namespace (own hostname).
+#   The same nodes also form gpu_a100 / gpu_v100 with a reservation llm_course: the second site profile
+#   (01_Basics/sites/local-ci.env: other partition names, an account, a reservation) runs there.
 # Idempotent: a running cluster is restarted with a fresh configuration. Needs root.
 # Stop it with .ci/slurm/stop.sh. See .ci/slurm/README.md.
 set -euo pipefail
@@ -96,6 +98,10 @@ NodeName=a100-[1-2] NodeHostname=a100-[1-2] NodeAddr=127.0.1.[1-2] Port=[17001-1
 NodeName=v100-[1-2] NodeHostname=v100-[1-2] NodeAddr=127.0.2.[1-2] Port=[17003-17004] CPUs=16 RealMemory=64000 Gres=gpu:v100:4 State=UNKNOWN
 PartitionName=a100 Nodes=a100-[1-2] Default=YES MaxTime=2-00:00:00 State=UP
 PartitionName=v100 Nodes=v100-[1-2] MaxTime=2-00:00:00 State=UP
+# a second site's names for the same nodes (01_Basics/sites/local-ci.env). No AllowAccounts: without
+# slurmdbd Slurm knows no associations and rejects every job there, even with the right --account.
+PartitionName=gpu_a100 Nodes=a100-[1-2] MaxTime=2-00:00:00 State=UP
+PartitionName=gpu_v100 Nodes=v100-[1-2] MaxTime=2-00:00:00 State=UP
 CONF
 cat > /etc/slurm/gres.conf <<CONF
 # Written by .ci/slurm/start.sh: fake GPUs (character devices), removed by stop.sh.
@@ -130,5 +136,9 @@ for _ in $(seq 100); do
   sleep 0.3
 done
 [ "$idle" -ge ${#NODES[@]} ] || { sinfo -N -l; die "not all nodes became idle"; }
+# a course reservation that does not block other jobs: it starts in a week, and FLEX lets jobs that name it
+# start now, outside it (a misspelt reservation is still rejected, as on a real site)
+scontrol create reservation ReservationName=llm_course StartTime=now+7days Duration=60 Users=root \
+  Nodes=ALL Flags=FLEX >/dev/null || die "could not create the reservation llm_course"
 sinfo
 log "cluster up in $((SECONDS - t0)) s (state and logs in $STATE)"

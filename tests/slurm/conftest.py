@@ -1,9 +1,10 @@
 """Fixtures for tests that submit the real sbatch templates to a local Slurm cluster.
 
 Start one with `bash .ci/slurm/start.sh` (root; .ci/run does it). Without a cluster the tests
-skip with the reason. Jobs run one after another in a sandbox directory whose entries link to
-the repository, so `logs/`, `runs/` and `data/` of the jobs stay out of the work tree while the
-templates run unchanged (they `cd "$SLURM_SUBMIT_DIR"` and use relative paths).
+skip with the reason. Jobs are submitted from a sandbox directory whose entries link to the
+repository: a template finds its clone from the path it was submitted with, which is the sandbox,
+so the logs (`<name>-<id>.out` in the submit directory), `runs/` and `data/` of the jobs stay out
+of the work tree while the templates run unchanged.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ class Cluster:
     def __init__(self, sandbox: Path, env: dict):
         self.sandbox, self.env = sandbox, env
 
-    def sbatch(self, template: str, *sbatch_args: str, args=(), env=None) -> str:
+    def sbatch(self, template: str, *sbatch_args: str, args=(), env=None, cwd=None) -> str:
         cmd = ["sbatch", "--parsable", *sbatch_args, template, *args]
-        r = subprocess.run(cmd, cwd=self.sandbox, env={**self.env, **(env or {})},
+        r = subprocess.run(cmd, cwd=cwd or self.sandbox, env={**self.env, **(env or {})},
                            capture_output=True, text=True, timeout=30)  # fmt: skip
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
         return r.stdout.strip().split(";")[0]
@@ -81,11 +82,12 @@ class Cluster:
                            capture_output=True, text=True, timeout=30)  # fmt: skip
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
-    def log(self, job_id: str) -> str:
-        logs = list((self.sandbox / "logs").glob(f"*-{job_id}.out"))
+    def log(self, job_id: str, where: Path | None = None) -> str:
+        """The job's log: ``<name>-<id>.out`` (``<name>-<array id>_<task>.out``) in the submit directory."""
+        logs = list((where or self.sandbox).glob(f"*-{job_id}.out"))
         return logs[0].read_text(errors="replace") if logs else "(no log file)"
 
-    def wait(self, job_id: str, timeout: float, poll: float = 0.5, on_poll=None) -> Job:
+    def wait(self, job_id: str, timeout: float, poll: float = 0.5, on_poll=None, where: Path | None = None) -> Job:
         """Poll until the job reaches a final state (a requeued job goes on); scancel on timeout.
         ``on_poll(fields)`` is called with the job's fields at every poll."""
         deadline = time.monotonic() + timeout
@@ -94,10 +96,10 @@ class Cluster:
             if on_poll:
                 on_poll(fields)
             if fields.get("JobState") in FINAL_STATES:
-                return Job(job_id, fields, self.log(job_id))
+                return Job(job_id, fields, self.log(job_id, where))
             if time.monotonic() > deadline:
                 subprocess.run(["scancel", job_id], timeout=30)
-                job = Job(job_id, fields, self.log(job_id))
+                job = Job(job_id, fields, self.log(job_id, where))
                 pytest.fail(f"still not finished after {timeout:.0f} s, cancelled\n{job.describe()}")
             time.sleep(poll)
 
@@ -116,10 +118,10 @@ def cluster(tmp_path_factory) -> Cluster:
     sandbox = tmp_path_factory.mktemp("slurm-submit")
     # sbatch runs on this host and the nodes share its filesystem: links are enough
     for entry in REPO.iterdir():
-        if entry.name not in {".git", ".venv", "logs", "runs", "data"}:
+        if entry.name not in {".git", ".venv", "logs", "runs", "data"} and not entry.name.endswith(".out"):
             (sandbox / entry.name).symlink_to(entry)
-    (sandbox / "logs").mkdir()
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SBATCH_", "SALLOC_", "LLM_", "SLURM_")) and k != "HF_HOME"}  # fmt: skip
     env.update(
         LLM_VENV=str(venv),
         LLM_DEVICE="cpu",  # the training scripts' default for --device

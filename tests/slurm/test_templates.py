@@ -1,8 +1,11 @@
 """Every sbatch template in the repository, found automatically, is checked without running it:
-static rules (fresh clone, no site paths, bash syntax) and `sbatch --test-only` on both partitions."""
+static rules (fresh clone, no site paths, bash syntax, the common job setup), `sbatch --test-only` on both
+partitions, and the site check (01_Basics/site_check.sh) with the shipped profile and a second site's."""
+
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,15 +53,13 @@ def test_template_rules(template):
     opts = sbatch_options(text)
     for key in ("job-name", "partition", "time", "output"):
         assert key in opts, f"#SBATCH --{key} missing"
-    # Slurm does not create the --output directory: it must exist in a fresh clone
-    out_dir = Path(opts["output"]).parent
-    if str(out_dir) != ".":
-        tracked = subprocess.run(["git", "ls-files", str(out_dir)], cwd=REPO,
-                                 capture_output=True, text=True).stdout  # fmt: skip
-        assert tracked.strip() or not (REPO / ".git").exists(), (
-            f"--output directory {out_dir}/ has no tracked file (add {out_dir}/.gitkeep)"
-        )
-        assert (REPO / out_dir).is_dir()
+    # Slurm does not create the --output directory, and a relative one is relative to wherever the user
+    # submits from: the log goes straight into the submit directory
+    assert "/" not in opts["output"] and opts["output"].startswith("%x-"), opts["output"]
+    assert "%a" in opts["output"] if "array" in opts else "%j" in opts["output"]
+    # the common setup: finds the clone from the submitted path, loads the site profile, activates
+    assert 'source "$LLM_REPO/01_Basics/job_env.sh"' in text
+    assert "SLURM_GPUS_ON_NODE:-1" not in text, "NPROC comes from job_env.sh (it counts GPUs)"
     r = subprocess.run(["bash", "-n", template], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     # scripts the template runs must exist
@@ -104,9 +105,73 @@ def test_activate_env_uses_llm_venv(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin/activate").write_text('export PATH="$(dirname "${BASH_SOURCE[0]}"):$PATH"\n')
-    (venv / "bin/python").symlink_to("/usr/bin/env")  # any executable named python
+    (venv / "bin/python").symlink_to(sys.executable)  # a Python >= 3.11 named python
     script = f"set -euo pipefail; source {REPO}/01_Basics/activate_env.sh; command -v python"
     env = {"PATH": "/usr/bin:/bin", "LLM_VENV": str(venv), "HOME": str(tmp_path)}
     r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith(f"{venv}/bin/python")
+
+
+def test_activate_env_refuses_an_old_python(tmp_path):
+    """A .venv made by AlmaLinux 8's python3 (3.6) stops the job with the way out, instead of failing later."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin/activate").write_text('export PATH="$(dirname "${BASH_SOURCE[0]}"):$PATH"\n')
+    (venv / "bin/python").write_text("#!/bin/sh\ncase \"$*\" in *platform*) echo 3.6.8;; *) exit 1;; esac\n")
+    (venv / "bin/python").chmod(0o755)
+    script = f"set -euo pipefail; source {REPO}/01_Basics/activate_env.sh; echo reached"
+    env = {"PATH": "/usr/bin:/bin", "LLM_VENV": str(venv), "HOME": str(tmp_path)}
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "reached" not in r.stdout
+    assert "is Python 3.6.8, this project needs 3.11 or newer" in r.stderr and "module load" in r.stderr
+
+
+def site_check(cluster, profile: str | None, **extra):
+    env = {**cluster.env, **extra}
+    env.pop("LLM_SITE", None)
+    if profile:
+        env["LLM_SITE"] = profile
+    return subprocess.run(["bash", "01_Basics/site_check.sh"], cwd=cluster.sandbox, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_site_check_accepts_every_template_with_both_profiles(cluster):
+    """The shipped profile (partitions a100/v100) and a second site's (gpu_a100/gpu_v100, an account, a
+    reservation, --mem): every template accepted on both GPU types, without editing a template."""
+    for profile, parts in ((None, ("a100", "v100")), ("01_Basics/sites/local-ci.env", ("gpu_a100", "gpu_v100"))):
+        r = site_check(cluster, profile)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        assert f"site check: all {len(TEMPLATES)} templates accepted on a100 v100" in out, out
+        for part in parts:
+            assert f": {part}" in out, out  # sinfo found the partition
+        rows = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in TEMPLATES]
+        assert len(rows) == len(TEMPLATES) and all(line.split()[1:] == ["ok", "ok"] for line in rows), out
+    assert "reservation=llm_course" in out and "account=llm_course" in out
+
+
+def test_site_check_reports_a_wrong_profile(cluster):
+    r = site_check(cluster, "01_Basics/sites/local-ci.env", LLM_RESERVATION="llm_cuorse", LLM_PARTITION_V100="")
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "REJECTED" in out and "v100: none in the profile" in out, out
+    assert "Requested reservation is invalid" in out and "fix " in out, out
+
+
+def test_submit_uses_the_profile_over_the_header(cluster, tmp_path):
+    """submit.sh --v100 with the second profile: partition, account, reservation and memory from the profile
+    win over the template's `#SBATCH --partition=a100` (checked on the held job, then cancelled)."""
+    env = {**cluster.env, "LLM_SITE": str(cluster.sandbox / "01_Basics/sites/local-ci.env")}
+    r = subprocess.run([str(cluster.sandbox / "01_Basics/submit.sh"), "--v100", "--hold",
+                        str(cluster.sandbox / "01_Basics/hello.slurm")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    job_id = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    try:
+        assert f"log: {tmp_path}/hello-{job_id}.out" in r.stdout, r.stdout
+        fields = cluster.show(job_id)
+        assert (fields["Partition"], fields["Account"], fields["Reservation"]) == ("gpu_v100", "llm_course",
+                                                                                   "llm_course"), fields
+        assert fields["MinMemoryNode"] == "1000M", fields
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
