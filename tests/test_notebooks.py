@@ -17,6 +17,7 @@ NOTEBOOKS = sorted(
 
 def test_notebooks_are_found():
     assert "01_Basics/00_environment.ipynb" in NOTEBOOKS
+    assert "02_Notebook_Parallelism/00b_collectives.ipynb" in NOTEBOOKS  # collectives 101, before notebook 01
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
