@@ -4,8 +4,8 @@ Compute nodes usually have no internet. Run this where there is (the login node)
 shared filesystem; then jobs run with ``HF_HUB_OFFLINE=1`` and the same ``HF_HOME``, and
 ``from_pretrained(NAME)`` / ``load_dataset(NAME)`` read the cache without touching the network.
 
-    export HF_HOME=$PWD/.cache/huggingface          # or a project/scratch folder the nodes can read
-    huggingface-cli login                           # gated models (Llama) need a token, once
+    export HF_HOME=$SCRATCH/llm-across-platforms/huggingface   # what 01_Basics/site.env sets; nodes must read it
+    hf auth login                                   # gated models (Llama) need a token, once
     python 04_Finetuning/prefetch.py --model meta-llama/Llama-3.2-1B-Instruct --dataset HuggingFaceH4/no_robots
     python 04_Finetuning/prefetch.py --model Qwen/Qwen2.5-0.5B-Instruct --dry-run    # only print the plan
     HF_HUB_OFFLINE=1 sbatch 04_Finetuning/fsdp_sft.slurm --model meta-llama/Llama-3.2-1B-Instruct \\
