@@ -12,57 +12,33 @@ Launch (from the repository root):
     sbatch 03_LLM_Training_on_GPU/ddp.slurm                                   # one node on Slurm
     sbatch -N 2 03_LLM_Training_on_GPU/ddp_multinode.slurm                    # several nodes
 Options: ``--help``. The global batch (``--batch-size``) is the same for any number of processes.
+``--activation-checkpointing [full|selective]`` and ``--compile`` are applied to each block before DDP
+wraps the model (the one order of ``common.parallelize``); both work with gradient accumulation.
 """
 
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from common.config import TrainConfig  # noqa: E402
-from common.trainer import (  # noqa: E402
-    build_model,
-    build_optimizer,
-    loss_fn,
-    micro_batches,
-    run_main,
-    sample_text,
-    setup,
-    train,
-)
+from common.parallelize import parallelize  # noqa: E402
+from common.trainer import Strategy, build_model, build_optimizer, run_main, sample_text, setup, train  # noqa: E402
 
 
 def main(cfg: TrainConfig) -> dict:
     run = setup(cfg, strategy="ddp")
     model = build_model(run)
-    ddp_model = model
-    if run.info.world_size > 1:
-        device_ids = [run.info.device.index] if run.info.device.type == "cuda" else None
-        ddp_model = DDP(model, device_ids=device_ids)
-    if cfg.compile:
-        ddp_model = torch.compile(ddp_model)
-    optimizer = build_optimizer(model, cfg)
-
-    def forward_backward(x, y, scaler) -> float:
-        total = 0.0
-        n = run.accum_steps
-        for i, (xb, yb) in enumerate(micro_batches(x, y, n)):
-            last = i == n - 1
-            # no_sync: accumulate locally, all-reduce only once, on the last micro-batch
-            sync = nullcontext() if last or ddp_model is model else ddp_model.no_sync()
-            with sync:
-                with run.precision.autocast():
-                    loss = loss_fn(ddp_model(xb), yb) / n
-                scaler.scale(loss).backward()
-            total += loss.item()
-        return total
-
-    return train(run, ddp_model, optimizer, forward_backward, raw_model=model,
-                 sample=lambda: sample_text(model, run))
+    flops, n_params = model.flops_per_token(cfg.seq_len), model.num_params()
+    replicated = run.info.world_size > 1  # one process is plain training: no wrapper
+    # activation checkpointing -> compile (per block) -> DistributedDataParallel(model, device_ids=...)
+    ddp_model = parallelize(model, cfg, data_parallel="ddp" if replicated else None, device=run.info.device)
+    return train(run, Strategy(
+        ddp_model, build_optimizer(model, cfg), flops, n_params,
+        # accumulation: no_sync() skips the all-reduce on all but the last micro-batch
+        grad_sync=lambda last: nullcontext() if last or not replicated else ddp_model.no_sync(),
+        sample=lambda: sample_text(model, run)))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ Launch (from the repository root):
     torchrun --standalone --nproc_per_node=4 03_LLM_Training_on_GPU/pp.py --preset gpt2-medium \\
         --config 03_LLM_Training_on_GPU/untied.toml                             # 4 GPUs, untied head
     sbatch 03_LLM_Training_on_GPU/pp.slurm --schedule 1f1b                       # one node on Slurm
-Options: ``--help``; this script adds --schedule, --n-microbatches, --virtual-stages.
+Options: ``--help``; this script adds --schedule, --n-microbatches, --virtual-stages, and takes
+--activation-checkpointing (each stage's blocks); --compile is refused (see common/parallelize.py).
 The GPT-2 and Llama presets tie the embedding to the output head, which would sit on two different
 stages: ``--config 03_LLM_Training_on_GPU/untied.toml`` unties them (``[model] tie_embeddings = false``).
 """
 
-import copy
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,11 +52,10 @@ from torch.distributed.pipelining import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from common import distributed  # noqa: E402
-from common.config import TrainConfig, UserError, script_options  # noqa: E402
+from common.config import TrainConfig, UserError, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
-from common.model import GPT  # noqa: E402
-from common.precision import Precision  # noqa: E402
-from common.trainer import build_model, build_optimizer, loss_fn, run_main, setup, train  # noqa: E402
+from common.parallelize import apply_ac  # noqa: E402
+from common.trainer import Strategy, build_model, build_optimizer, loss_fn, run_main, setup, train  # noqa: E402
 
 # schedule name -> (class, several stages per process?)
 SCHEDULES = {
@@ -66,19 +65,22 @@ SCHEDULES = {
     "loopedbfs": (ScheduleLoopedBFS, True),
     "interleavedzb": (ScheduleInterleavedZeroBubble, True),
 }
-OPTIONS = {
-    "schedule": ("1f1b", "pipeline schedule: " + ", ".join(SCHEDULES)),
-    "n_microbatches": (0, "micro-batches per global batch (0: batch / micro-batch size, at least 2 x processes)"),
-    "virtual_stages": (2, "stages per process for interleaved1f1b, loopedbfs and interleavedzb"),
-}
 
 
-def plan(cfg: TrainConfig, world: int, schedule: str, n_microbatches: int, virtual: int) -> dict:
+@dataclass
+class Config(TrainConfig):
+    schedule: str = doc("pipeline schedule: " + ", ".join(SCHEDULES), "1f1b")
+    n_microbatches: int = doc("micro-batches per global batch (0: batch / micro-batch size, at least 2 x processes)",
+                              0)
+    virtual_stages: int = doc("stages per process for interleaved1f1b, loopedbfs and interleavedzb", 2)
+
+
+def plan(cfg: Config, world: int) -> dict:
     """Check the pipeline layout before any process group exists; every problem is one UserError."""
-    if schedule not in SCHEDULES:
-        raise UserError(f"--schedule {schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    if cfg.schedule not in SCHEDULES:
+        raise UserError(f"--schedule {cfg.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     # one process runs the whole model as one stage (torch 2.13's eval fails between two stages of one process)
-    per_rank = virtual if SCHEDULES[schedule][1] and world > 1 else 1
+    per_rank = cfg.virtual_stages if SCHEDULES[cfg.schedule][1] and world > 1 else 1
     if per_rank < 1:
         raise UserError(f"--virtual-stages must be at least 1, not {per_rank}")
     n_stages = world * per_rank
@@ -89,61 +91,41 @@ def plan(cfg: TrainConfig, world: int, schedule: str, n_microbatches: int, virtu
     if mcfg.n_layers < n_stages:
         raise UserError(f"{mcfg.n_layers} layers cannot fill {n_stages} pipeline stages ({world} processes x "
                         f"{per_rank} stage(s) each): use fewer processes or virtual stages, or more layers")
-    m = n_microbatches or max(cfg.batch_size // cfg.micro_batch_size, 2 * world)
+    m = cfg.n_microbatches or max(cfg.batch_size // cfg.micro_batch_size, 2 * world)
     if m < world:
         raise UserError(f"--n-microbatches {m} is fewer than the {world} pipeline processes: every stage would "
                         f"idle most of the step; use at least {world}")
     if cfg.batch_size % m:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by --n-microbatches {m}; "
                         f"use a batch size that is a multiple of {m}")
-    if schedule in ("interleaved1f1b", "interleavedzb") and m % max(1, m // world):
-        raise UserError(f"--schedule {schedule} needs --n-microbatches to be a multiple of m // processes "
+    if cfg.schedule in ("interleaved1f1b", "interleavedzb") and m % max(1, m // world):
+        raise UserError(f"--schedule {cfg.schedule} needs --n-microbatches to be a multiple of m // processes "
                         f"({max(1, m // world)}); a multiple of {world} always works")
     bounds = [mcfg.n_layers * s // n_stages for s in range(n_stages + 1)]
-    return dict(schedule=schedule, n_stages=n_stages, stages_per_rank=per_rank, n_microbatches=m,
+    return dict(schedule=cfg.schedule, n_stages=n_stages, stages_per_rank=per_rank, n_microbatches=m,
                 layers_of_stage=[list(range(bounds[s], bounds[s + 1])) for s in range(n_stages)],
                 stage_ids=lambda rank: [rank + k * world for k in range(per_rank)],  # looped placement
                 bubble=(world - 1) / (per_rank * m + world - 1))
 
 
-def prune(model: GPT, layer_ids: list[int], first: bool, last: bool) -> GPT:
-    """Keep only what one stage owns (the model is built for this: layers are keyed by global index)."""
-    for i in list(model.layers.keys()):
-        if int(i) not in layer_ids:
-            del model.layers[i]
-    if not first:
-        model.tok_embeddings = None
-    if not last:
-        model.norm, model.output = None, None
-    return model
+class PipelineLoss:
+    """The schedule's loss on the last stage, per micro-batch; fp16: scaled while training (not in eval),
+    with one scale for all stages, so an overflow on any stage skips the step on every stage."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler, self.training = scaler, False
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = loss_fn(logits, targets)
+        return self.scaler.scale(loss) if self.training and self.scaler.is_enabled() else loss
 
 
-def stage_view(owner: GPT, layer_ids: list[int], first: bool, last: bool) -> GPT:
-    """A GPT sharing ``owner``'s weights but running only one stage (for several stages per process)."""
-    view = copy.copy(owner)  # same parameters and buffers; its own table of submodules below
-    view._modules = dict(owner._modules)
-    view.layers = nn.ModuleDict({str(i): owner.layers[str(i)] for i in layer_ids})
-    view.tok_embeddings = owner.tok_embeddings if first else None
-    view.norm, view.output = (owner.norm, owner.output) if last else (None, None)
-    return view
-
-
-class StagePrecision(Precision):
-    """fp16: one loss scale for all stages, so an overflow on any stage skips the step on every stage."""
-
-    def scaler(self):
-        return ShardedGradScaler(self.device_type, enabled=self.needs_scaler)  # all-reduces the inf check
-
-
-def main(cfg: TrainConfig) -> dict:
-    opts = script_options(cfg, OPTIONS)
+def main(cfg: Config) -> dict:
     _, world, _, _ = distributed.env_ranks()
-    schedule = opts.schedule
-    layout = plan(cfg, world, schedule, opts.n_microbatches, opts.virtual_stages)  # before any collective
+    layout = plan(cfg, world)  # before any collective
     m, n_stages = layout["n_microbatches"], layout["n_stages"]
     cfg = replace(cfg, micro_batch_size=cfg.batch_size // m)  # one micro-batch = one pipeline chunk
     run = setup(cfg, strategy="pp", dp_size=lambda world: 1)  # every process sees the whole batch
-    run.precision = StagePrecision(run.precision.name, run.precision.device_type)
     info = run.info
     own_group = not dist.is_initialized()
     if own_group:  # one process: a world of one, so that the stages can run
@@ -153,49 +135,41 @@ def main(cfg: TrainConfig) -> dict:
     has_first, has_last = 0 in my_stages, n_stages - 1 in my_stages
     # same initial weights as one process: build the whole model (on CPU), keep this process's part
     model = build_model(run, device="cpu")
-    flops_per_token, n_params = model.flops_per_token(cfg.seq_len), model.num_params()
-    model = prune(model, owned, has_first, has_last).to(info.device)
-    model.flops_per_token = lambda seq_len: flops_per_token  # the summary's MFU and size: the whole model
-    model.num_params = lambda: n_params
+    flops, n_params = model.flops_per_token(cfg.seq_len), model.num_params()  # the whole model's
+    model = apply_ac(model.keep_only(owned, has_first, has_last).to(info.device), cfg.activation_checkpointing)
     stage_models = [model] if len(my_stages) == 1 else [
-        stage_view(model, layout["layers_of_stage"][s], s == 0, s == n_stages - 1) for s in my_stages]
+        model.stage_view(layout["layers_of_stage"][s], s == 0, s == n_stages - 1) for s in my_stages]
     stages = [PipelineStage(sm, s, n_stages, info.device) for sm, s in zip(stage_models, my_stages)]
-    schedule_cls, multi = SCHEDULES[schedule]
-
-    live = {"scaler": None}  # fp16: the trainer's loss scaler while a training step runs
-
-    def pipeline_loss(logits, targets):  # runs on the last stage, once per micro-batch
-        loss = loss_fn(logits, targets)
-        return live["scaler"].scale(loss) if live["scaler"] is not None else loss
-
+    schedule_cls, multi = SCHEDULES[cfg.schedule]
+    scaler = ShardedGradScaler(info.device.type, enabled=run.precision.needs_scaler)  # all-reduces the inf check
+    pipeline_loss = PipelineLoss(scaler)
     pipe = schedule_cls(stages if multi else stages[0], n_microbatches=m, loss_fn=pipeline_loss)
-    optimizer = build_optimizer(model, cfg)
     last_rank = next(r for r in range(info.world_size) if n_stages - 1 in layout["stage_ids"](r))
-    run.extra.update(pipeline=dict(schedule=schedule, stages=n_stages, stages_per_process=len(my_stages),
-                                   n_microbatches=m, expected_bubble=layout["bubble"],
-                                   layers_per_stage=[len(x) for x in layout["layers_of_stage"]]))
-    log.info(f"pipeline: {schedule}, {n_stages} stage(s) on {info.world_size} process(es), {m} micro-batches of "
+    run.facts["pipeline"] = dict(schedule=cfg.schedule, stages=n_stages, stages_per_process=len(my_stages),
+                                 n_microbatches=m, expected_bubble=layout["bubble"],
+                                 layers_per_stage=[len(x) for x in layout["layers_of_stage"]])
+    log.info(f"pipeline: {cfg.schedule}, {n_stages} stage(s) on {info.world_size} process(es), {m} micro-batches of "
              f"{cfg.micro_batch_size} | expected bubble (p-1)/(v*m+p-1) = {layout['bubble']:.1%}")
     log.info(f"rank {info.rank}: stage(s) {my_stages}, layers {owned}", extra={"all_ranks": True})
 
-    def run_pipeline(x, y, fn) -> float:
+    def run_pipeline(x, y, fn) -> torch.Tensor:
         """Run one global batch through ``fn`` (step or eval); the mean loss, on every process."""
         losses: list[torch.Tensor] = []
         with run.precision.autocast():
             fn(x, target=y, losses=losses)  # stage 0 uses x, the last stage y; the others receive activations
         loss = torch.stack(losses).mean().float() if has_last else torch.zeros((), device=info.device)
         dist.broadcast(loss, src=last_rank)  # the true global-batch loss everywhere (for logs and summary)
-        return loss.item()
+        return loss
 
-    def forward_backward(x, y, scaler) -> float:
-        live["scaler"] = scaler if scaler.is_enabled() else None
+    def forward_backward(x, y) -> torch.Tensor:
+        pipeline_loss.training = True
         loss = run_pipeline(x, y, pipe.step)
-        live["scaler"] = None
+        pipeline_loss.training = False
         return loss / scaler.get_scale() if scaler.is_enabled() else loss
 
     params = list(model.parameters())
 
-    def clip_grad(max_norm: float) -> torch.Tensor:
+    def clip(max_norm: float) -> torch.Tensor:
         """Clip by the norm of the gradient of the whole model: each stage's squared norm, summed."""
         grads = [p.grad for p in params if p.grad is not None]
         local = nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=info.device)
@@ -206,12 +180,13 @@ def main(cfg: TrainConfig) -> dict:
         return total
 
     try:
-        return train(run, model, optimizer, forward_backward, clip_grad=clip_grad, raw_model=model,
-                     eval_loss=lambda x, y: run_pipeline(x, y, pipe.eval))
+        return train(run, Strategy(model, build_optimizer(model, cfg), flops, n_params, scaler=scaler,
+                                   forward_backward=forward_backward, clip=clip,
+                                   eval_loss=lambda x, y: run_pipeline(x, y, pipe.eval)))
     finally:
         if own_group:
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    run_main(main, __doc__, options=OPTIONS)
+    run_main(main, __doc__, cls=Config)

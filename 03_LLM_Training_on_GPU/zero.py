@@ -24,7 +24,8 @@ Launch (from the repository root):
         --ds-config 03_LLM_Training_on_GPU/ds_zero2.json                      # DeepSpeed's own launcher
     sbatch 03_LLM_Training_on_GPU/zero.slurm --ds-config 03_LLM_Training_on_GPU/ds_zero3.json   # one node
     sbatch -N 2 03_LLM_Training_on_GPU/zero_multinode.slurm                                 # several nodes
-Options: ``--help``; this script adds --ds-config (default ds_zero2.json) and --shm-comm.
+Options: ``--help``; this script adds --ds-config (default ds_zero2.json) and --shm-comm, and takes
+--activation-checkpointing (applied to the blocks before ``deepspeed.initialize``); --compile is refused.
 
 On CPU, DeepSpeed's communication layer JIT-compiles a shared-memory all-reduce kernel
 (``deepspeed_shm_comm``, minutes with a C++ compiler) the first time a process group starts. Its
@@ -36,28 +37,38 @@ optimizer is a client ``torch.optim.AdamW`` (a config-defined optimizer would ne
 ``"torch_adam": true`` for that; with offload, ``"zero_force_ds_cpu_optimizer": false`` allows it).
 Checkpoints are DeepSpeed's own (``engine.save_checkpoint``: each rank writes its partitions,
 resume is exact); ``zero_to_fp32.py`` in a checkpoint folder merges them into one state dict.
+DeepSpeed unpickles its files with ``weights_only=False``: before resuming, every file of the folder
+is first checked with a restricted loader (``common.checkpoint.check_pickles``), so a crafted
+checkpoint is refused instead of run.
 """
 
 import json
+import math
 import os
 import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from common import checkpoint  # noqa: E402
-from common.config import TrainConfig, UserError, script_options  # noqa: E402
+from common.config import TrainConfig, UserError, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
-from common.precision import Precision  # noqa: E402
-from common.trainer import build_model, build_optimizer, loss_fn, micro_batches, run_main, setup, train  # noqa: E402
+from common.parallelize import apply_ac  # noqa: E402
+from common.trainer import Strategy, build_model, build_optimizer, run_main, setup, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-OPTIONS = {
-    "ds_config": (str(HERE / "ds_zero2.json"), "DeepSpeed JSON config (ZeRO stage, offload, buckets)"),
-    "shm_comm": (False, "CPU only: let DeepSpeed build and use its shared-memory all-reduce (minutes to compile)"),
-}
+
+
+@dataclass
+class Config(TrainConfig):
+    ds_config: str = doc("DeepSpeed JSON config (ZeRO stage, offload, buckets)", str(HERE / "ds_zero2.json"))
+    shm_comm: bool = doc("CPU only: let DeepSpeed build and use its shared-memory all-reduce (minutes to compile)",
+                         False)
 
 
 def deepspeed_config(path: str, run) -> dict:
@@ -73,117 +84,85 @@ def deepspeed_config(path: str, run) -> dict:
     return ds
 
 
-class EnginePrecision(Precision):
-    """DeepSpeed keeps the low-precision weights and scales fp16 losses itself: no GradScaler here."""
-
-    @property
-    def needs_scaler(self) -> bool:
-        return False
-
-
-class EngineOptimizer:
-    """What ``common.trainer.train`` drives as an optimizer, backed by the engine.
-
-    ``step()`` is the engine's boundary step: global-norm clipping, fp16 unscaling / overflow skip,
-    the partitioned AdamW update, the all-gather of the updated weights, and zeroing the gradients.
-    """
+class DeepSpeedCheckpointer:
+    """DeepSpeed's own checkpoints (partitioned, exact resume) in the layout of common.checkpoint."""
 
     def __init__(self, engine):
         self.engine = engine
 
-    @property
-    def param_groups(self):  # the trainer sets the learning rate here
-        return self.engine.optimizer.param_groups
+    def latest(self, out_dir: Path) -> Path | None:
+        return checkpoint.latest(out_dir)  # DeepSpeed writes the same <out>/checkpoints/latest pointer
 
-    @property
-    def state(self) -> dict:
-        """Adam moments of this rank's partition, plus its fp32 master weights (for the memory report).
-
-        The report's "grads" stays 0: DeepSpeed frees its gradient partitions inside ``engine.step()``,
-        before the trainer counts them.
-        """
-        zero = self.engine.optimizer
-        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(
-            zero, "fp32_partitioned_groups_flat", [])
-        return {**zero.optimizer.state, "fp32 master weights": dict(enumerate(masters))}
-
-    def step(self) -> None:
-        self.engine.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        pass  # engine.step() already did
-
-
-class NormAfterStep:
-    """The global gradient norm, read after ``engine.step()`` computed it (the trainer logs it then)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __float__(self) -> float:
-        return float(self.engine.get_global_grad_norm() or 0.0)
-
-
-class EngineCheckpoint:
-    """``common.checkpoint``'s interface on DeepSpeed's own checkpoints (partitioned, exact resume)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-        self.latest = checkpoint.latest  # DeepSpeed writes the same <out>/checkpoints/latest pointer
-
-    def save(self, out_dir, step, model, optimizer, info, trainer_state) -> Path:
+    def save(self, out_dir: Path, step: int, state: dict) -> Path:
         root, tag = Path(out_dir) / "checkpoints", f"step_{step:06d}"
-        self.engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": {"step": step, **trainer_state}})
+        self.engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": {"step": step, **state}})
         return root / tag
 
-    def load(self, path, model, optimizer, info) -> dict:
-        path = Path(path)
+    def load(self, path: Path) -> dict:
+        checkpoint.check_pickles(path)  # DeepSpeed itself unpickles with weights_only=False
         _, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
         return client_state["trainer_state"]
 
 
-def main(cfg: TrainConfig) -> dict:
-    opts = script_options(cfg, OPTIONS)
-    if not Path(opts.ds_config).is_file():
-        raise UserError(f"--ds-config {opts.ds_config}: file not found (see 03_LLM_Training_on_GPU/ds_zero*.json)")
+def zero_memory(engine) -> dict:
+    """Bytes this rank holds: its weights (a partition under ZeRO-3), Adam moments of its partition and
+    its fp32 master weights. Gradients show 0: DeepSpeed frees its partitions inside ``engine.step()``."""
+    from common.metrics import memory_breakdown
+
+    zero = engine.optimizer
+    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat",
+                                                                               [])
+    mem = memory_breakdown(engine.module, zero.optimizer)
+    mem["optim"] += sum(t.numel() * t.element_size() for t in masters)
+    return mem
+
+
+def main(cfg: Config) -> dict:
+    if not Path(cfg.ds_config).is_file():
+        raise UserError(f"--ds-config {cfg.ds_config}: file not found (see 03_LLM_Training_on_GPU/ds_zero*.json)")
     try:
         import deepspeed
     except ImportError:
         raise UserError("DeepSpeed is not installed: pip install deepspeed (or bash scripts/setup.sh test)") from None
     run = setup(cfg, strategy="zero")
-    ds_config = deepspeed_config(opts.ds_config, run)
-    run.precision = EnginePrecision(run.precision.name, run.precision.device_type)
+    ds_config = deepspeed_config(cfg.ds_config, run)
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (a world of one)
         dist.init_process_group(run.info.backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", str(run.info.local_rank))  # DeepSpeed asserts it is set
-    if run.info.device.type == "cpu" and not opts.shm_comm:
+    if run.info.device.type == "cpu" and not cfg.shm_comm:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo, no kernel build (see above)
     model = build_model(run)
-    flops_per_token, n_params = model.flops_per_token(cfg.seq_len), model.num_params()  # before ZeRO-3 shards
+    flops, n_params = model.flops_per_token(cfg.seq_len), model.num_params()  # before ZeRO-3 partitions
+    apply_ac(model, cfg.activation_checkpointing)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
     stage = engine.zero_optimization_stage()
     offload = bool(ds_config.get("zero_optimization", {}).get("offload_optimizer"))
     run.strategy = f"zero{stage}" + ("-offload" if offload else "")
-    run.extra.update(zero_stage=stage, offload_optimizer=offload, ds_config=Path(opts.ds_config).name)
+    run.facts.update(zero_stage=stage, offload_optimizer=offload, ds_config=Path(cfg.ds_config).name)
     log.info(f"DeepSpeed {deepspeed.__version__}: ZeRO stage {stage}{' + optimizer offload' if offload else ''} "
-             f"from {opts.ds_config}, {run.accum_steps} micro-batch(es) of {run.micro_batch} per rank")
+             f"from {cfg.ds_config}, {run.accum_steps} micro-batch(es) of {run.micro_batch} per rank")
 
-    def forward_backward(x, y, scaler) -> float:
-        total, n = 0.0, run.accum_steps
-        for i, (xb, yb) in enumerate(micro_batches(x, y, n)):
-            loss = loss_fn(engine(xb), yb)
-            engine.backward(loss)  # divides by gradient_accumulation_steps itself (and scales fp16 losses)
-            if i < n - 1:
-                engine.step()  # not a boundary yet: counts the micro-step; the optimizer step comes last
-            total += loss.item() / n
-        return total
+    @contextmanager
+    def micro_step(last: bool):
+        """DeepSpeed counts micro-batches in ``engine.step()``: before the last one it only advances the
+        counter (ZeRO-2 reduces the gradients at the boundary); the real step is ``update`` below."""
+        yield
+        if not last:
+            engine.step()
 
-    model.flops_per_token = lambda seq_len: flops_per_token  # the summary's numbers: full model, not a shard
-    model.num_params = lambda: n_params
-    return train(run, engine, EngineOptimizer(engine), forward_backward, raw_model=model,
-                 clip_grad=lambda max_norm: NormAfterStep(engine),  # the engine clips inside step()
-                 eval_loss=lambda x, y: loss_fn(engine(x), y).item(), checkpointer=EngineCheckpoint(engine))
+    def update(max_norm: float) -> tuple[float, bool]:
+        """engine.step(): global-norm clipping (from the config), fp16 unscaling / overflow skip, the
+        partitioned AdamW update, the all-gather of updated weights, zeroing the gradients."""
+        engine.step()
+        norm = float(engine.get_global_grad_norm() or 0.0)
+        return norm, math.isfinite(norm)
+
+    return train(run, Strategy(
+        engine, engine.optimizer, flops, n_params, scaler=torch.amp.GradScaler(run.info.device.type, enabled=False),
+        autocast=nullcontext,  # the engine keeps bf16/fp16 weights itself
+        grad_sync=micro_step, backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), update=update,
+        zero_grad=lambda: None, memory=lambda: zero_memory(engine), checkpointer=DeepSpeedCheckpointer(engine)))
 
 
 if __name__ == "__main__":
-    run_main(main, __doc__, options=OPTIONS)
+    run_main(main, __doc__, cls=Config)

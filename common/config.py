@@ -1,28 +1,38 @@
-"""Typed training configuration shared by every training script, and its command line.
+"""Typed training configuration: one dataclass per script, one command line, one TOML format.
+
+Every training script's config is ``TrainConfig`` or a subclass that adds the script's own fields
+(``pp.py``'s schedule, ``zero.py``'s DeepSpeed file); each field carries a one-line help text, and
+its flag is generated from it (``--max-steps``, ``--sequence-parallel`` ...).
 
 Precedence: dataclass defaults < preset < ``--config FILE.toml`` < command-line flags.
-A TOML file may hold any TrainConfig field at top level and model overrides in a ``[model]`` table::
+A TOML file holds any field at top level and model overrides in a ``[model]`` table::
 
     max_steps = 200
     lr = 6e-4
     [model]
     n_layers = 6
+
+Every run writes its resolved config as ``config.toml`` next to its log; ``--config`` accepts it back
+(the same run again) and ``--print-config`` prints it and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import tomllib
 
 from common.errors import UserError
 from common.model import MODEL_PRESETS, ModelConfig, model_config
 
-__all__ = ["TrainConfig", "UserError", "load_config", "make_config", "script_options", "TRAIN_PRESETS"]
+__all__ = ["TrainConfig", "UserError", "load_config", "make_config", "to_toml", "TRAIN_PRESETS"]
+
+AC_MODES = ("none", "full", "selective")
 
 
 def doc(text: str, default=MISSING, **kw):
@@ -57,15 +67,30 @@ class TrainConfig:
     eval_interval: int = doc("validation loss every N steps (0 = only at the end)", 100)
     eval_batches: int = doc("validation batches per evaluation", 8)
     ckpt_interval: int = doc("checkpoint every N steps (0 = only at the end)", 0)
+    keep_checkpoints: int = doc("keep the newest K checkpoints, delete older ones (0 = keep all)", 3)
     sample_tokens: int = doc("tokens of text to generate at the end (0 = none)", 100)
     threads: int = doc("CPU threads per process (0 = cores / processes on this node)", 0)
     peak_tflops: float = doc("peak TFLOP/s per device for MFU (0 = from the device table or measured)", 0.0)
     timeout_s: int = doc("collective timeout in seconds: a hang becomes an error", 600)
-    compile: bool = doc("torch.compile the model (slow first step on CPU)", False)
     progress: bool = doc("tqdm progress bar on rank 0", True)
-    model: dict = doc("model overrides from the config file's [model] table", default_factory=dict)
-    options: dict = doc("script-specific options (e.g. fsdp.py --cpu-offload); [options] table in a config file",
-                        default_factory=dict)
+    tensorboard: bool = doc("also write TensorBoard event files to <out_dir>/tb (needs the tensorboard package)",
+                            False)
+    wandb: bool = doc("also log to Weights & Biases in offline mode (needs wandb; sync later on the login node)",
+                      False)
+    # How the model is parallelized / made to fit. Each script accepts those it can do and refuses the
+    # others before any process group starts (common.parallelize.SUPPORT has the table and the reasons).
+    compile: bool = doc("torch.compile each transformer block (slow first step, faster after)", False)
+    activation_checkpointing: str = doc(
+        "recompute activations in backward: none, full (every block) or selective (keep matmul and attention "
+        "outputs, recompute the cheap elementwise ops); a bare flag means full", "none")
+    sequence_parallel: bool = doc("TP: split norms and the residual stream along the sequence", False)
+    loss_parallel: bool = doc("TP: cross-entropy on vocabulary-sharded logits (never gathers the full logits)",
+                              False)
+    cpu_offload: bool = doc("FSDP: keep sharded parameters, gradients and optimizer state in CPU memory", False)
+    reshard_after_forward: bool = doc(
+        "FSDP: free gathered weights after forward (ZeRO-3); --no-reshard-after-forward keeps them until "
+        "backward (ZeRO-2-like: more memory, one all-gather less)", True)
+    model: dict = doc("model overrides: the config file's [model] table", default_factory=dict)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         over = dict(self.model)
@@ -89,106 +114,144 @@ TRAIN_PRESETS: dict[str, dict] = {
                      warmup_steps=100, max_steps=2000, vocab_size=8192),
 }
 
-
-# A script's own flags: {name: (default, help)}; e.g. {"cpu_offload": (False, "keep parameters on the CPU")}.
-Options = dict[str, tuple[object, str]]
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
 
 
-def _add_flag(p: argparse.ArgumentParser, name: str, typ, help: str, **kw) -> None:
-    flag = "--" + name.replace("_", "-")
-    if typ in ("bool", bool):
-        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help, **kw)
-    else:
-        p.add_argument(flag, dest=name, type={"int": int, "float": float, "str": str}.get(str(typ), typ), help=help,
-                       **kw)
+def field_type(f) -> type:
+    return _TYPES.get(str(f.type), f.type) if isinstance(f.type, str) else f.type
 
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), with_defaults: bool = False):
     """One ``--field-name`` flag per field of the dataclass ``cls``, with the field's help text."""
     for f in fields(cls):
-        if f.name in skip:
+        if f.name in skip or field_type(f) is dict:
             continue
+        flag, typ = "--" + f.name.replace("_", "-"), field_type(f)
+        kw = dict(dest=f.name, help=f.metadata["help"])
         if with_defaults:
-            _add_flag(p, f.name, f.type, f"{f.metadata['help']} (default {f.default})", default=f.default)
+            kw.update(default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+        if f.name == "activation_checkpointing":  # a bare --activation-checkpointing means full
+            p.add_argument(flag, nargs="?", const="full", choices=AC_MODES, **kw)
+        elif typ is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            _add_flag(p, f.name, f.type, f.metadata["help"])
+            p.add_argument(flag, type=typ, **kw)
 
 
-def build_parser(description: str = "", options: Options | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML file with overrides (see common/config.py)")
-    if options:
-        group = p.add_argument_group("options of this script")
-        for name, (default, help) in options.items():
-            _add_flag(group, name, type(default), f"{help} (default: {default})")
-    add_dataclass_flags(p, TrainConfig, skip=("model", "options"))
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a bad flag is one line (exit 2 via run_main), not a usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentParser:
+    p = _Parser(description=description, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML file with overrides (e.g. a run's config.toml; see common/config.py)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    add_dataclass_flags(p, cls)
     return p
 
 
-def load_config(argv: list[str] | None = None, description: str = "", options: Options | None = None,
-                **defaults) -> TrainConfig:
-    """Parse the command line into a TrainConfig. Errors become UserError (one line).
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
-    ``options`` declares the script's own flags; their values land in ``cfg.options``.
-    """
-    args = vars(build_parser(description, options).parse_args(argv))
-    given_options = {k: args.pop(k) for k in list(args) if k in (options or {})}
+
+def load_config(argv: list[str] | None = None, description: str = "", cls=TrainConfig, **defaults) -> TrainConfig:
+    """Parse the command line into a ``cls`` (TrainConfig or a script's subclass). Errors become UserError."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    print_config = args.pop("print_config", False)
     values: dict = dict(defaults)
     config_file = args.pop("config", None)
-    file_values: dict = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"config file not found: {config_file}")
-        file_values = tomllib.loads(path.read_text())
-    preset = args.get("preset", file_values.get("preset", values.get("preset", "tiny")))
-    if preset not in TRAIN_PRESETS:
-        raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    values.update(TRAIN_PRESETS[preset])
-    values.update(file_values)
-    values.update(args)
-    values["options"] = {**values.get("options", {}), **given_options}
+    file_values = read_toml(config_file) if config_file else {}
     if "device" not in args and "device" not in file_values and os.environ.get("LLM_DEVICE"):
         values["device"] = os.environ["LLM_DEVICE"]
-    return make_config(**values)
+    values.update(file_values)
+    values.update(args)
+    cfg = make_config(cls, **values)
+    if print_config:
+        print(to_toml(cfg), end="")
+        sys.exit(0)
+    return cfg
 
 
-def make_config(**values) -> TrainConfig:
-    """TrainConfig from keyword values (preset training defaults applied first), validated."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - known
+def make_config(cls=TrainConfig, /, **values) -> TrainConfig:
+    """``cls`` from keyword values (the preset's training defaults applied first), type-checked and validated."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
     if unknown:
-        raise UserError(f"unknown config keys {sorted(unknown)}")
+        raise UserError(f"unknown config keys {sorted(unknown)} for {cls.__name__}")
     preset = values.get("preset", "tiny")
     if preset not in TRAIN_PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **values})
+    merged = {**TRAIN_PRESETS[preset], **values}
+    for name, value in merged.items():
+        merged[name] = _typed(name, value, field_type(known[name]))
+    cfg = cls(**merged)
     validate(cfg)
     return cfg
 
 
-def script_options(cfg: TrainConfig, options: Options) -> SimpleNamespace:
-    """The script's options with their defaults filled in; an unknown option is a UserError."""
-    unknown = set(cfg.options) - set(options)
-    if unknown:
-        raise UserError(f"unknown options {sorted(unknown)} for this script; known: {sorted(options)}")
-    return SimpleNamespace(**{name: cfg.options.get(name, default) for name, (default, _) in options.items()})
+def _typed(name: str, value, typ):
+    """A config value of the field's type (an int is accepted for a float), else a one-line error."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"config key {name!r} must be {typ.__name__}, not {type(value).__name__} ({value!r})")
 
 
 def validate(cfg: TrainConfig) -> None:
+    """Every check of a value that needs no process group, once, with the fix in the message."""
     checks = [
         (cfg.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, not {cfg.device!r}"),
         (cfg.precision in ("auto", "fp32", "bf16", "fp16"),
          f"--precision must be auto, fp32, bf16 or fp16, not {cfg.precision!r}"),
+        (cfg.activation_checkpointing in AC_MODES,
+         f"--activation-checkpointing must be one of {', '.join(AC_MODES)}, not {cfg.activation_checkpointing!r}"),
         (cfg.max_steps > 0, "--max-steps must be positive"),
         (cfg.batch_size > 0 and cfg.micro_batch_size > 0, "batch sizes must be positive"),
         (cfg.seq_len > 1, "--seq-len must be at least 2"),
+        (all(math.isfinite(v) and v >= 0 for v in (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.grad_clip)),
+         "--lr, --min-lr, --weight-decay and --grad-clip must be finite and >= 0"),
+        (cfg.lr > 0, "--lr must be positive"),
+        (cfg.eval_batches > 0, "--eval-batches must be at least 1 (the final validation needs a batch)"),
+        (min(cfg.warmup_steps, cfg.log_interval - 1, cfg.eval_interval, cfg.ckpt_interval, cfg.keep_checkpoints,
+             cfg.threads, cfg.sample_tokens) >= 0,
+         "--warmup-steps, --eval-interval, --ckpt-interval, --keep-checkpoints, --threads and --sample-tokens "
+         "must be >= 0, --log-interval >= 1"),
+        (cfg.timeout_s > 0, "--timeout-s must be positive"),
+        (math.isfinite(cfg.peak_tflops) and cfg.peak_tflops >= 0, "--peak-tflops must be finite and >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     try:
         cfg.model_config()
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (scalars at top level, model overrides in [model]); --config reads it back."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, float):
+            return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        return str(v)
+
+    d = cfg.to_dict()
+    model = d.pop("model")
+    lines = [f"{k} = {value(v)}" for k, v in d.items() if v is not None]
+    if model:
+        lines += ["", "[model]", *(f"{k} = {value(v)}" for k, v in model.items())]
+    return "\n".join(lines) + "\n"

@@ -114,9 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir")
     a = p.parse_args(argv)
     run_dir = Path(a.checkpoint).resolve().parents[1]
-    from common.config import make_config
+    from dataclasses import fields
 
-    cfg = make_config(**{k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()})
+    from common.config import TrainConfig, make_config, read_toml
+
+    known = {f.name for f in fields(TrainConfig)}  # a script's own fields (pp.py's schedule ...) do not matter here
+    cfg = make_config(**{k: v for k, v in read_toml(run_dir / "config.toml").items() if k in known})
     from common.data import prepare
 
     data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=False)

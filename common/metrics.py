@@ -9,12 +9,16 @@ dense tensor-core numbers from the vendors' data sheets; on CPU the peak is meas
 from __future__ import annotations
 
 import json
+import math
+import os
 import resource
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from common.errors import UserError
 
 # Dense peak TFLOP/s per GPU by precision (SXM parts; fp32 without TF32).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -114,16 +118,80 @@ class Throughput:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def restart_count() -> int:
+    """How often torchrun (--max-restarts) or Slurm (--requeue) restarted this run."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + int(os.environ.get("SLURM_RESTART_COUNT", 0))
+
+
+def strict_json(obj):
+    """JSON has no NaN/inf: write them as null (a reader must never choke on a summary)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 class JsonlLog:
-    """Append-only JSON-lines log (rank 0 only)."""
+    """Append-only JSON-lines log (rank 0 only); every line carries the wall-clock time and restart count."""
 
     def __init__(self, path: Path | None):
         self.path = path
 
     def write(self, **record) -> None:
         if self.path is not None:
+            record = {**record, "time": round(time.time(), 3), "restart": restart_count()}
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+
+
+class MetricsSink:
+    """Where a run's numbers go (rank 0): log.jsonl always; TensorBoard event files in <out>/tb with
+    --tensorboard; a W&B offline run in <out>/wandb with --wandb. summary.json + loss.png at the end."""
+
+    def __init__(self, out_dir: Path, cfg, is_main: bool):
+        self.out_dir, self.jsonl, self.tb, self.wandb = out_dir, JsonlLog(out_dir / "log.jsonl" if is_main else None), \
+            None, None
+        if not is_main:
+            return
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+            self.wandb = wandb.init(mode="offline", dir=str(out_dir), config=cfg.to_dict(),
+                                    name=out_dir.name, resume="allow")
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(**record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, int | float) and k != "step" and v is not None}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def summary(self, summary: dict, title: str) -> None:
+        if self.jsonl.path is not None:
+            (self.out_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
+            plot_losses(summary["losses"], summary["evals"], self.out_dir / "loss.png", title)
+        self.close()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def plot_losses(losses: list[float], evals: list[list[float]], path: Path, title: str = "") -> Path:

@@ -14,6 +14,7 @@ Weight names and the rotary convention (rotate-half) match Hugging Face ``LlamaF
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, fields, replace
 
@@ -164,11 +165,38 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope", rope, persistent=False)
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output projection (if the config says so); call again after
+        something replaced the embedding's parameter (tensor parallelism shards it into a new one)."""
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def keep_only(self, layer_ids: list[int], embedding: bool, head: bool) -> GPT:
+        """Drop what a pipeline stage does not own (in place): other layers, and the embedding or the final
+        norm + head. Layers keep their global index, so parameter names are the same on every stage."""
+        for i in list(self.layers.keys()):
+            if int(i) not in layer_ids:
+                del self.layers[i]
+        if not embedding:
+            self.tok_embeddings = None
+        if not head:
+            self.norm, self.output = None, None
+        return self
+
+    def stage_view(self, layer_ids: list[int], embedding: bool, head: bool) -> GPT:
+        """A GPT that shares this one's modules but runs only some of them (one of several pipeline stages
+        held by one process): same parameters, its own table of submodules."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.layers = nn.ModuleDict({str(i): self.layers[str(i)] for i in layer_ids})
+        view.tok_embeddings = self.tok_embeddings if embedding else None
+        view.norm, view.output = (self.norm, self.output) if head else (None, None)
+        return view
 
     @torch.no_grad()
     def init_weights(self) -> None:

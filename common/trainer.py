@@ -1,19 +1,20 @@
-"""The training loop every chapter-03 script shares; the strategy-specific part is passed in.
+"""The training loop every chapter script shares; the strategy-specific part arrives as a ``Strategy``.
 
-A script builds its (wrapped) model and hands ``train`` a ``forward_backward(x, y) -> loss`` that runs
-this rank's share of the global batch (micro-batches, accumulation, backward). Everything else — the
-learning-rate schedule, clipping, loss scaling, logging, validation, checkpoints, the Slurm time-limit
-signal, the summary — lives here once, so the diff between two chapter scripts is the parallelism.
+A script sets up (``setup``), builds and parallelizes its model (``common.parallelize``), and hands
+``train`` a ``Strategy``: the model, its optimizer and loss scaler, how one step runs on it (by
+default ``accumulate``: micro-batches with gradient sync on the last one), evaluation, clipping,
+checkpoints, FLOPs and parameter counts. Everything else lives here once: the learning-rate schedule,
+loss scaling, the non-finite guard, logging, validation, checkpoints, the Slurm time-limit signal and
+the summary. A step, in order: ``forward_backward`` -> ``clip`` -> ``optimizer_step`` -> ``zero_grad``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,14 +22,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from common import checkpoint, distributed
-from common.config import TrainConfig, UserError
+from common.config import TrainConfig, UserError, load_config, to_toml
 from common.data import Sampler, TokenData, prepare
 from common.distributed import DistInfo, log
-from common.metrics import JsonlLog, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops, plot_losses
+from common.metrics import MetricsSink, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops
 from common.model import GPT
+from common.parallelize import check_flags, clip_grad_norm_
 from common.precision import Precision, choose_precision, describe
+
+MAX_BAD_STEPS = 3  # consecutive non-finite steps (each skipped) before the run stops
 
 
 @dataclass
@@ -43,7 +48,7 @@ class Run:
     out_dir: Path
     dp_rank: int = 0  # this rank's index among data-parallel replicas
     dp_size: int = 1  # number of data-parallel replicas (each gets batch_size / dp_size)
-    extra: dict = field(default_factory=dict)  # strategy facts for the summary
+    facts: dict = field(default_factory=dict)  # strategy facts for the summary
 
     @property
     def per_rank_batch(self) -> int:
@@ -61,9 +66,11 @@ class Run:
 
 
 def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambda world: world) -> Run:
-    """Initialise processes, precision and data. ``dp_size(world)`` = number of data-parallel replicas."""
+    """Check the flags and layout, then initialise processes, precision and data.
+    ``dp_size(world)`` = number of data-parallel replicas (it may raise a layout error)."""
+    check_flags(cfg, strategy)  # before any collective can hang
     _, world, _, _ = distributed.env_ranks()
-    dp = dp_size(world)  # may raise a layout error: before any collective can hang
+    dp = dp_size(world)
     if cfg.batch_size % dp:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dp} data-parallel ranks; "
                         f"use a multiple of {dp}")
@@ -72,7 +79,7 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
     out_dir = Path(cfg.out_dir or f"runs/{strategy}-{cfg.preset}")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        (out_dir / "config.toml").write_text(to_toml(cfg))
     data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=info.is_main)
     distributed.barrier(info)
     log.info(f"{strategy}: {info.world_size} process(es) on {info.device.type} ({info.backend}), "
@@ -116,8 +123,86 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def micro_batches(x: torch.Tensor, y: torch.Tensor, n: int):
-    return zip(x.chunk(n), y.chunk(n))
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: the whole value of a (replicated or sharded) DTensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class DCPCheckpointer:
+    """Sharded checkpoints of model + optimizer with torch.distributed.checkpoint (common.checkpoint)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, keep: int = 0):
+        self.model, self.optimizer, self.info, self.keep = model, optimizer, info, keep
+
+    def latest(self, out_dir: Path) -> Path | None:
+        return checkpoint.latest(out_dir)
+
+    def save(self, out_dir: Path, step: int, state: dict) -> Path:
+        return checkpoint.save(out_dir, step, self.model, self.optimizer, self.info, state, keep=self.keep)
+
+    def load(self, path: Path) -> dict:
+        return checkpoint.load(path, self.model, self.optimizer, self.info)
+
+
+def _no_context(*args) -> AbstractContextManager:
+    return nullcontext()
+
+
+@dataclass
+class Strategy:
+    """What a chapter script hands ``train``: its parallelized model and how one step runs on it.
+
+    Only ``model``, ``optimizer``, ``flops_per_token`` and ``num_params`` are required; the defaults
+    are plain data-parallel training. ``grad_sync(last)`` is the context each micro-batch runs in
+    (DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync``), so gradients are reduced once per step.
+    """
+
+    model: nn.Module  # tokens -> logits, wrapped or sharded as the strategy needs
+    optimizer: torch.optim.Optimizer
+    flops_per_token: float  # training FLOPs per token of the whole model (for MFU)
+    num_params: int  # parameters of the whole model (not this rank's shard or stage)
+    scaler: torch.amp.GradScaler | None = None  # default: the precision's (enabled for fp16 only)
+    autocast: Callable[[], AbstractContextManager] | None = None  # default: the precision's autocast
+    loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. tensor parallel's loss_parallel
+    grad_sync: Callable[[bool], AbstractContextManager] = _no_context
+    backward: Callable[[torch.Tensor], None] | None = None  # default: scaler.scale(loss).backward()
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: accumulate
+    eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: loss of model(x)
+    clip: Callable[[float], torch.Tensor] | None = None  # default: clip the global norm of model's gradients
+    update: Callable[[float], tuple[float, bool]] | None = None  # default: clip_and_step; -> (norm, applied?)
+    zero_grad: Callable[[], None] | None = None
+    memory: Callable[[], dict] | None = None  # bytes held for params / grads / optimizer state on this rank
+    checkpointer: object | None = None  # save / latest / load; default: DCPCheckpointer
+    sample: Callable[[], str] | None = None  # text generated at the end
+
+    def bind(self, run: Run) -> Strategy:
+        """Fill in the defaults that need the run."""
+        self.scaler = self.scaler or run.precision.scaler()
+        self.autocast = self.autocast or run.precision.autocast
+        self.backward = self.backward or (lambda loss: self.scaler.scale(loss).backward())
+        self.forward_backward = self.forward_backward or (lambda x, y: accumulate(self, run.accum_steps, x, y))
+        self.eval_loss = self.eval_loss or (lambda x, y: full(loss_fn(self.model(x), y)))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip = self.clip or (lambda max_norm: clip_grad_norm_(params, max_norm))
+        self.update = self.update or (lambda max_norm: clip_and_step(self, max_norm))
+        self.zero_grad = self.zero_grad or (lambda: self.optimizer.zero_grad(set_to_none=True))
+        self.memory = self.memory or (lambda: memory_breakdown(self.model, self.optimizer))
+        self.checkpointer = self.checkpointer or DCPCheckpointer(self.model, self.optimizer, run.info,
+                                                                 run.cfg.keep_checkpoints)
+        return self
+
+
+def accumulate(s: Strategy, n: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the global batch in ``n`` micro-batches; gradients add up, and are reduced
+    across ranks only in the last one. Returns the mean loss (a tensor on the device: no host sync)."""
+    total = torch.zeros((), device=x.device)
+    for i, (xb, yb) in enumerate(zip(x.chunk(n), y.chunk(n))):
+        with s.grad_sync(i == n - 1), s.loss_context():
+            with s.autocast():
+                loss = loss_fn(s.model(xb), yb) / n
+            s.backward(loss)
+        total += full(loss.detach()).float()
+    return total
 
 
 class Signals:
@@ -143,102 +228,154 @@ class Signals:
             signal.signal(s, old)
 
 
-def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
-          forward_backward: Callable[[torch.Tensor, torch.Tensor, torch.amp.GradScaler], float],
-          eval_loss: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
-          clip_grad: Callable[[float], torch.Tensor] | None = None,
-          raw_model: GPT | None = None, sample: Callable[[], str] | None = None, checkpointer=None) -> dict:
-    """Train ``cfg.max_steps`` optimizer steps; returns (and on rank 0 writes) the summary.
+@dataclass
+class History:
+    """What a checkpoint carries besides weights: the loss curve, evaluations, the loss scale."""
 
-    ``checkpointer``: anything with ``common.checkpoint``'s save/latest/load (default: that module, DCP).
-    """
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    step: int = 0
+
+    def state(self, s: Strategy) -> dict:
+        return {"losses": self.losses, "evals": self.evals,
+                "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}
+
+
+def resume(run: Run, s: Strategy) -> History:
+    cfg = run.cfg
+    if not cfg.resume:
+        return History()
+    path = s.checkpointer.latest(run.out_dir)
+    if path is None:
+        log.info(f"--resume: no checkpoint in {run.out_dir}/checkpoints yet, starting from step 0")
+        return History()
+    state = s.checkpointer.load(path)
+    if state.get("scaler") and s.scaler.is_enabled():
+        s.scaler.load_state_dict(state["scaler"])
+    log.info(f"resumed from {path} at step {state['step']}")
+    return History(state["losses"], state["evals"], state["step"])
+
+
+def evaluate(run: Run, s: Strategy, sampler: Sampler) -> float:
     cfg, info = run.cfg, run.info
-    ckpt_io = checkpointer or checkpoint
-    raw_model = raw_model or model
-    scaler = run.precision.scaler()
+    s.model.eval()
+    total = torch.zeros((), device=info.device)
+    with torch.no_grad(), s.loss_context(), s.autocast():
+        for i in range(cfg.eval_batches):
+            x, y = (t.to(info.device) for t in sampler.batch(i, run.dp_rank, run.dp_size))
+            total += s.eval_loss(x, y).float()
+    s.model.train()
+    return distributed.all_reduce_mean(total.item() / cfg.eval_batches, info)
+
+
+def clip_and_step(s: Strategy, max_norm: float) -> tuple[float, bool]:
+    """Unscale (fp16), clip the global gradient norm, step. A non-finite norm skips the update on every
+    rank alike (the norm is global) -- except with fp16, where an overflow is the loss scaler's job: it
+    skips the step itself and lowers the scale."""
+    if s.scaler.is_enabled():
+        s.scaler.unscale_(s.optimizer)
+    norm = float(s.clip(max_norm))
+    if not (math.isfinite(norm) or s.scaler.is_enabled()):
+        return norm, False
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    return norm, True
+
+
+def train_step(run: Run, s: Strategy, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, bool]:
+    """One optimizer step; returns (global mean loss, gradient norm, whether the update was applied).
+    A non-finite loss (all-reduced: every rank agrees) skips the update."""
+    cfg = run.cfg
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    loss = distributed.all_reduce_mean(s.forward_backward(x, y).item(), run.info)
+    if not math.isfinite(loss):
+        return loss, float("nan"), False
+    norm, applied = s.update(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    return loss, norm, applied
+
+
+def train(run: Run, s: Strategy) -> dict:
+    """Train ``cfg.max_steps`` optimizer steps; returns (and on rank 0 writes) the summary."""
+    cfg, info = run.cfg, run.info
+    s.bind(run)
     train_sampler = Sampler(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     val_sampler = Sampler(run.data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
-    eval_loss = eval_loss or (lambda x, y: loss_fn(model(x), y).item())
-    clip_grad = clip_grad or (lambda max_norm: nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    jsonl = JsonlLog(run.out_dir / "log.jsonl" if info.is_main else None)
-
-    start, losses, evals = 0, [], []
-    if cfg.resume and (ckpt := ckpt_io.latest(run.out_dir)):
-        state = ckpt_io.load(ckpt, model, optimizer, info)
-        start, losses, evals = state["step"], state["losses"], state["evals"]
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-        log.info(f"resumed from {ckpt} at step {start}")
-    elif cfg.resume:
-        log.info(f"--resume: no checkpoint in {run.out_dir}/checkpoints yet, starting from step 0")
-
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad(), run.precision.autocast():
-            vals = [eval_loss(*[t.to(info.device) for t in val_sampler.batch(i, run.dp_rank, run.dp_size)])
-                    for i in range(cfg.eval_batches)]
-        model.train()
-        return distributed.all_reduce_mean(sum(vals) / len(vals), info)
-
-    def save(step: int) -> Path:
-        return ckpt_io.save(run.out_dir, step, model, optimizer, info, {
-            "losses": losses, "evals": evals, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-
+    hist = resume(run, s)
+    start = hist.step
+    sink = MetricsSink(run.out_dir, cfg, info.is_main)
     peak, peak_src = peak_tflops(info.device, run.precision.name, cfg.peak_tflops)
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len) if hasattr(raw_model, "flops_per_token") else 0
     tokens_per_step = cfg.batch_size * cfg.seq_len
     log.info(f"global batch {cfg.batch_size} x {cfg.seq_len} tokens = {run.dp_size} data-parallel rank(s) x "
              f"{run.accum_steps} micro-batch(es) of {run.micro_batch} | peak {peak or float('nan'):.2f} "
              f"TFLOP/s per device ({peak_src})")
-    meter = Throughput()
+    meter, bad, mem = Throughput(), 0, None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start, desc=run.strategy, disable=not (cfg.progress and info.is_main),
-               mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True)
-    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=hist.step, desc=run.strategy, dynamic_ncols=True,
+               disable=not (cfg.progress and info.is_main), mininterval=1 if sys.stderr.isatty() else 30)
+    say = bar.write if info.is_main and not bar.disable else log.info
+    s.model.train()
     with Signals() as signals:
-        for step in range(start, cfg.max_steps):
+        for step in range(hist.step, cfg.max_steps):
             meter.start()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             x, y = (t.to(info.device) for t in train_sampler.batch(step, run.dp_rank, run.dp_size))
-            loss = forward_backward(x, y, scaler)
-            scaler.unscale_(optimizer)
-            grad_norm = clip_grad(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
+            loss, norm, ok = train_step(run, s, step, x, y)
             if step == cfg.max_steps - 1:  # gradients still allocated: count them before zero_grad frees them
-                mem = memory_breakdown(raw_model, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            loss = distributed.all_reduce_mean(loss, info)
+                mem = s.memory()
+            s.zero_grad()
+            bad = 0 if ok else bad + 1
+            if bad:
+                last = s.checkpointer.latest(run.out_dir)
+                say(f"step {step + 1}: non-finite loss {loss} or gradient norm {norm}: update skipped ({bad} in a row)")
+                if bad >= MAX_BAD_STEPS:
+                    sink.close()
+                    raise UserError(f"{bad} consecutive non-finite steps (last: step {step + 1}, loss {loss}); "
+                                    f"last good checkpoint: {last or 'none'}; likely causes: learning rate too high "
+                                    f"(--lr {cfg.lr:g}), fp16 overflow (try --precision bf16 or fp32), bad data")
             tok_s = meter.stop(tokens_per_step)
-            losses.append(loss)
+            hist.losses.append(loss)
+            hist.step = step + 1
             bar.update(1)
-            step_mfu = mfu(flops_per_token, tok_s, peak, info.world_size)
-            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tok_s, mfu=step_mfu)
+            record = dict(step=step + 1, loss=loss, lr=lr_at(step, cfg), grad_norm=norm, tokens_per_s=tok_s,
+                          mfu=mfu(s.flops_per_token, tok_s, peak, info.world_size))
+            if s.scaler.is_enabled():
+                record["loss_scale"] = s.scaler.get_scale()
+            if not ok:
+                record["skipped"] = True
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.max_steps:
-                record["val_loss"] = evaluate()
-                evals.append([step + 1, record["val_loss"]])
-            jsonl.write(**record)
+                record["val_loss"] = evaluate(run, s, val_sampler)
+                hist.evals.append([step + 1, record["val_loss"]])
+            sink.write(record)
             if (step + 1) % cfg.log_interval == 0 or step == start or "val_loss" in record:
-                line = (f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
-                        f"{float(grad_norm):.3f} | {tok_s:,.0f} tok/s" + (f" | mfu {step_mfu:.1%}" if step_mfu else ""))
-                if "val_loss" in record:
-                    line += f" | val_loss {record['val_loss']:.4f}"
-                bar.write(line) if info.is_main and not bar.disable else log.info(line)
+                say(format_record(record, cfg.max_steps))
             if distributed.any_rank(signals.received is not None, info):
-                path = save(step + 1)
+                path = s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
                 bar.close()
+                sink.close()
                 log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
                 return {"preempted": True, "step": step + 1}
             if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.max_steps:
-                save(step + 1)
+                s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
     bar.close()
-    val_loss = evaluate()
-    evals.append([cfg.max_steps, val_loss])
-    save(cfg.max_steps)
-    if start >= cfg.max_steps:  # resumed a finished run: no step ran, no gradients to count
-        mem = memory_breakdown(raw_model, optimizer)
+    return finish(run, s, hist, val_sampler, meter, mem or s.memory(), peak, sink)
+
+
+def format_record(r: dict, max_steps: int) -> str:
+    line = (f"step {r['step']}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad_norm "
+            f"{r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s")
+    line += f" | mfu {r['mfu']:.1%}" if r["mfu"] else ""
+    line += f" | loss scale {r['loss_scale']:g}" if "loss_scale" in r else ""
+    return line + (f" | val_loss {r['val_loss']:.4f}" if "val_loss" in r else "")
+
+
+def finish(run: Run, s: Strategy, hist: History, val_sampler: Sampler, meter: Throughput, mem: dict,
+           peak: float | None, sink: MetricsSink) -> dict:
+    """Final validation, checkpoint, summary (rank 0 writes summary.json and loss.png)."""
+    cfg, info = run.cfg, run.info
+    val_loss = evaluate(run, s, val_sampler)
+    hist.evals.append([cfg.max_steps, val_loss])
+    s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(s))
     mem["peak"] = peak_memory_bytes(info.device)
     per_rank = [mem]
     if info.world_size > 1:
@@ -247,24 +384,19 @@ def train(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
     summary = dict(
         strategy=run.strategy, preset=cfg.preset, world_size=info.world_size, device=str(info.device.type),
         device_name=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-        precision=run.precision.name, steps=cfg.max_steps, final_loss=losses[-1], val_loss=val_loss,
-        tokens_per_s=meter.tokens_per_s,
-        mfu=mfu(flops_per_token, meter.tokens_per_s, peak, info.world_size),
+        precision=run.precision.name, steps=cfg.max_steps, final_loss=hist.losses[-1], val_loss=val_loss,
+        tokens_per_s=meter.tokens_per_s, mfu=mfu(s.flops_per_token, meter.tokens_per_s, peak, info.world_size),
         peak_tflops_per_device=peak, peak_memory_bytes=max(m["peak"] for m in per_rank),
-        memory_per_rank=per_rank, params=raw_model.num_params() if hasattr(raw_model, "num_params") else None,
+        memory_per_rank=per_rank, params=s.num_params,
         threads_per_process=torch.get_num_threads() if info.device.type == "cpu" else None,
-        losses=losses, evals=evals, **run.extra)
-    log.info(f"done: final loss {losses[-1]:.4f} | val loss {val_loss:.4f} | {meter.tokens_per_s:,.0f} tok/s"
+        losses=hist.losses, evals=hist.evals, **run.facts)
+    log.info(f"done: final loss {hist.losses[-1]:.4f} | val loss {val_loss:.4f} | {meter.tokens_per_s:,.0f} tok/s"
              + (f" | mfu {summary['mfu']:.1%}" if summary["mfu"] else "")
              + f" | peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")
-    if sample is not None and cfg.sample_tokens > 0:
-        text = sample()
-        log.info("sample:\n" + text)
-        summary["sample"] = text
-    if info.is_main:
-        (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        title = f"{run.strategy}, {cfg.preset}, {info.world_size} process(es)"
-        plot_losses(losses, evals, run.out_dir / "loss.png", title)
+    if s.sample is not None and cfg.sample_tokens > 0:
+        summary["sample"] = s.sample()
+        log.info("sample:\n" + summary["sample"])
+    sink.summary(summary, title=f"{run.strategy}, {cfg.preset}, {info.world_size} process(es)")
     return summary
 
 
@@ -282,15 +414,10 @@ def sample_text(model: GPT, run: Run, prompt: str = "ROMEO:\n") -> str:
 
 
 def run_main(main: Callable[[TrainConfig], dict], description: str, argv: list[str] | None = None,
-             options: dict | None = None) -> None:
-    """Command-line entry point: parse, run, print bad input as one line (exit 2), tear down.
-
-    ``options`` = the script's own flags, {name: (default, help)} (see common.config.load_config).
-    """
-    from common.config import load_config
-
+             cls: type = TrainConfig) -> None:
+    """Command-line entry point: parse into ``cls``, run, print bad input as one line (exit 2), tear down."""
     try:
-        main(load_config(argv, description, options=options))
+        main(load_config(argv, description, cls=cls))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.teardown()

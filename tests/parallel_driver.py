@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/parallel_driver.py JOBS.json
 
-JOBS.json is a list of {"script": "pp" | "zero", "config": {TrainConfig fields, script flags in "options"},
+JOBS.json is a list of {"script": "pp" | "zero", "config": {TrainConfig fields, the script's own fields too},
 "rewind_to": step (optional)}. Each job's summary lands in its config's out_dir (rank 0 writes it).
 ``rewind_to`` first trains with the job's config (checkpointing on the way), then points ``latest`` at the
 checkpoint of that step and trains again with ``resume=True``: the second summary goes to
@@ -20,12 +20,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from testutil import load_script  # noqa: E402
 
 from common import distributed  # noqa: E402
-from common.config import make_config  # noqa: E402
+from common.config import TrainConfig, make_config  # noqa: E402
 
 
 def run_job(job: dict) -> None:
     module = load_script(f"03_LLM_Training_on_GPU/{job['script']}.py")
-    cfg = make_config(**job["config"])
+    cls = getattr(module, "Config", TrainConfig)
+    cfg = make_config(cls, **job["config"])
     summary = module.main(cfg)
     if "rewind_to" in job:
         import torch.distributed as dist
@@ -33,7 +34,7 @@ def run_job(job: dict) -> None:
         if dist.get_rank() == 0:
             (Path(cfg.out_dir) / "checkpoints" / "latest").write_text(f"step_{job['rewind_to']:06d}")
         dist.barrier()
-        summary = module.main(make_config(**{**job["config"], "resume": True}))
+        summary = module.main(make_config(cls, **{**job["config"], "resume": True}))
         if dist.get_rank() == 0:
             (Path(cfg.out_dir) / "resumed.json").write_text(json.dumps(summary))
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from testutil import load_script  # noqa: E402
 
 from common import distributed  # noqa: E402
-from common.config import make_config  # noqa: E402
+from common.config import TrainConfig, make_config  # noqa: E402
 
 
 def main(plan_file: str, results: str) -> None:
@@ -39,9 +39,10 @@ def main(plan_file: str, results: str) -> None:
         else:
             if step["script"] not in scripts:
                 scripts[step["script"]] = load_script(step["script"])
-            cfg = make_config(**step["config"])
+            module = scripts[step["script"]]
+            cfg = make_config(getattr(module, "Config", TrainConfig), **step["config"])
             t0 = time.perf_counter()
-            scripts[step["script"]].main(cfg)
+            module.main(cfg)
             if rank == 0:
                 print(f"driver: {step['name']} took {time.perf_counter() - t0:.1f} s", flush=True)
                 shutil.copy(Path(cfg.out_dir) / "summary.json", Path(results) / f"{step['name']}.json")

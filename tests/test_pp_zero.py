@@ -38,14 +38,14 @@ def runs(tmp_path_factory, data_dir):
     reference = ddp.main(make_config(**base, out_dir=str(d / "reference")))
     jobs = []
     for s in SCHEDULES:
-        job = dict(script="pp", config={**base, "out_dir": str(d / s), "options": {"schedule": s, "n_microbatches": 4}})
+        job = dict(script="pp", config={**base, "out_dir": str(d / s), "schedule": s, "n_microbatches": 4})
         if s == CKPT_SCHEDULE:  # checkpoint at 5 and 10, then resume from 5
             job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
         jobs.append(job)
     if HAS_DEEPSPEED:
         for name in ZERO_CONFIGS:
             ds_config = str(ROOT / f"03_LLM_Training_on_GPU/ds_{name}.json")
-            job = dict(script="zero", config={**base, "out_dir": str(d / name), "options": {"ds_config": ds_config}})
+            job = dict(script="zero", config={**base, "out_dir": str(d / name), "ds_config": ds_config})
             if name == "zero3":
                 job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
             jobs.append(job)
@@ -132,7 +132,7 @@ def test_pp_bad_layout_is_one_clear_line(argv, world, message, monkeypatch, caps
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit) as exc:  # no process group is ever created: it would hang waiting for peers
         run_main(pp.main, "", argv + ["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")],
-                 options=pp.OPTIONS)
+                 cls=pp.Config)
     assert exc.value.code == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
@@ -141,7 +141,7 @@ def test_pp_bad_layout_is_one_clear_line(argv, world, message, monkeypatch, caps
 def test_zero_missing_config_is_one_clear_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         run_main(zero.main, "", ["--ds-config", str(tmp_path / "none.json"), "--data-dir", str(tmp_path)],
-                 options=zero.OPTIONS)
+                 cls=zero.Config)
     assert exc.value.code == 2
     assert "none.json: file not found" in capsys.readouterr().err
 
@@ -150,9 +150,9 @@ def test_untied_config_lets_the_gpt2_presets_be_pipelined():
     from common.config import load_config
 
     cfg = load_config(["--preset", "gpt2-small", "--config", str(ROOT / "03_LLM_Training_on_GPU/untied.toml")],
-                      options=pp.OPTIONS)
+                      cls=pp.Config)
     layout = pp.plan(cfg, world=4, schedule="interleaved1f1b", n_microbatches=8, virtual=2)
     assert layout["n_stages"] == 8 and sum(map(len, layout["layers_of_stage"])) == 12
     assert layout["stage_ids"](1) == [1, 5] and layout["bubble"] == pytest.approx(3 / 19)
-    one = pp.plan(make_config(**COMMON), world=1, schedule="interleaved1f1b", n_microbatches=0, virtual=2)
+    one = pp.plan(make_config(pp.Config, **COMMON, schedule="interleaved1f1b"), world=1)
     assert one["n_stages"] == 1 and one["bubble"] == 0  # one process: the whole model is one stage

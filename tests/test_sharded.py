@@ -20,7 +20,7 @@ import torch
 from testutil import load_script, torchrun
 
 from common import checkpoint
-from common.config import make_config
+from common.config import TrainConfig, make_config
 from common.data import Sampler, prepare
 from common.distributed import DistInfo
 from common.errors import UserError
@@ -48,15 +48,15 @@ def runs(tmp_path_factory, data_dir):
         {"rewind": str(tmp / "fsdp"), "to": "step_000005"},
         plan_step("fsdp_resumed", "fsdp.py", tmp, data_dir, resume=True, out_dir=str(tmp / "fsdp")),
         plan_step("fsdp_ac_offload", "fsdp.py", tmp, data_dir,
-                  options={"activation_checkpointing": True, "cpu_offload": True}),
+                  activation_checkpointing="full", cpu_offload=True),
         plan_step("tp", "tp.py", tmp, data_dir),
-        plan_step("tp_sp", "tp.py", tmp, data_dir, options={"sequence_parallel": True, "loss_parallel": True}),
+        plan_step("tp_sp", "tp.py", tmp, data_dir, sequence_parallel=True, loss_parallel=True),
         plan_step("fsdp_fp16", "fsdp.py", tmp, data_dir, precision="fp16", max_steps=2),
         plan_step("tp_fp16", "tp.py", tmp, data_dir, precision="fp16", max_steps=2),
     ]
     four = [
         plan_step("fsdp_tp", "fsdp_tp.py", tmp, data_dir,
-                  options={"tp": 2, "sequence_parallel": True, "loss_parallel": True}),
+                  tp=2, sequence_parallel=True, loss_parallel=True),
         plan_step("fsdp4", "fsdp.py", tmp, data_dir, max_steps=2),
     ]
     for nproc, plan in ((2, two), (4, four)):
@@ -141,30 +141,31 @@ def test_sharded_checkpoint_loads_into_one_process(runs, data_dir):
 @pytest.mark.parametrize("script,world,kw,message", [
     ("tp.py", 3, {}, "n_heads=4 (tiny) is not divisible by the tensor-parallel degree 3"),
     ("tp.py", 4, {"model": {"n_kv_heads": 2}}, "n_kv_heads=2 (tiny) is not divisible by the tensor-parallel degree 4"),
-    ("tp.py", 2, {"seq_len": 63, "options": {"sequence_parallel": True}}, "--seq-len 63 must be divisible"),
-    ("fsdp_tp.py", 6, {"options": {"tp": 4}}, "--tp 4 does not divide the 6 launched processes"),
-    ("fsdp_tp.py", 6, {"options": {"tp": 3}}, "n_heads=4 (tiny) is not divisible by the tensor-parallel degree 3"),
-    ("fsdp.py", 2, {"options": {"cpu_offlaod": True}}, "unknown options ['cpu_offlaod']"),
+    ("tp.py", 2, {"seq_len": 63, "sequence_parallel": True}, "--seq-len 63 must be divisible"),
+    ("fsdp_tp.py", 6, {"tp": 4}, "--tp 4 does not divide the 6 launched processes"),
+    ("fsdp_tp.py", 6, {"tp": 3}, "n_heads=4 (tiny) is not divisible by the tensor-parallel degree 3"),
+    ("fsdp.py", 2, {"cpu_offlaod": True}, "unknown config keys ['cpu_offlaod']"),
+    ("tp.py", 2, {"cpu_offload": True}, "--cpu-offload is not available with tp.py: tensor parallelism keeps"),
+    ("ddp.py", 2, {"sequence_parallel": True}, "--sequence-parallel is not available with ddp.py"),
 ])
 def test_bad_layout_fails_fast_before_any_collective(script, world, kw, message, monkeypatch, tmp_path):
     for k, v in dict(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0").items():
         monkeypatch.setenv(k, v)
     module = load_script(f"{CH}/{script}")
-    cfg = make_config(**{**COMMON, "data_dir": str(tmp_path), "out_dir": str(tmp_path / "o"), **kw})
     t0 = time.perf_counter()
     with pytest.raises(UserError) as err:
-        module.main(cfg)
+        module.main(make_config(getattr(module, "Config", TrainConfig),
+                                **{**COMMON, "data_dir": str(tmp_path), "out_dir": str(tmp_path / "o"), **kw}))
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not torch.distributed.is_initialized() and time.perf_counter() - t0 < 5
 
 
-def test_script_options_on_the_command_line():
+def test_script_flags_on_the_command_line():
     from common.config import load_config
 
-    fsdp = load_script(f"{CH}/fsdp.py")
-    cfg = load_config(["--cpu-offload", "--max-steps", "3"], options=fsdp.OPTIONS)
-    assert cfg.options == {"cpu_offload": True} and cfg.max_steps == 3
-    assert load_config([]).options == {}  # scripts without options: unchanged command line
+    cfg = load_config(["--cpu-offload", "--max-steps", "3", "--activation-checkpointing"])
+    assert cfg.cpu_offload and cfg.max_steps == 3 and cfg.activation_checkpointing == "full"
+    assert load_config(["--activation-checkpointing", "selective"]).activation_checkpointing == "selective"
     fsdp_tp = load_script(f"{CH}/fsdp_tp.py")
-    cfg = load_config(["--tp", "4", "--sequence-parallel"], options=fsdp_tp.OPTIONS)
-    assert cfg.options == {"tp": 4, "sequence_parallel": True}
+    cfg = load_config(["--tp", "4", "--sequence-parallel"], cls=fsdp_tp.Config)
+    assert cfg.tp == 4 and cfg.sequence_parallel and type(cfg).__name__ == "Config"
