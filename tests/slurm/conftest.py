@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+ALT_SITE = "01_Basics/sites/local-ci.env"
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
@@ -72,10 +73,21 @@ class Cluster:
 
     def sbatch(self, template: str, *sbatch_args: str, args=(), env=None, cwd=None) -> str:
         cmd = ["sbatch", "--parsable", *sbatch_args, template, *args]
-        r = subprocess.run(cmd, cwd=cwd or self.sandbox, env={**self.env, **(env or {})},
+        env = {k: v for k, v in {**self.env, **(env or {})}.items() if v is not None}  # None: unset it
+        r = subprocess.run(cmd, cwd=cwd or self.sandbox, env=env,
                            capture_output=True, text=True, timeout=30)  # fmt: skip
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
         return r.stdout.strip().split(";")[0]
+
+    def submit(self, template: str, *sbatch_args: str, gpu="a100", site=ALT_SITE, args=(), env=None) -> str:
+        """Submit as 01_Basics/README.md says, through submit.sh with a site profile (default: the second
+        site's, 01_Basics/sites/local-ci.env: partitions gpu_a100/gpu_v100, an account, a reservation)."""
+        cmd = ["bash", "01_Basics/submit.sh", f"--{gpu}", "--parsable", *sbatch_args, template, *args]
+        env = {k: v for k, v in {**self.env, "LLM_SITE": str(self.sandbox / site), **(env or {})}.items()
+               if v is not None}  # fmt: skip
+        r = subprocess.run(cmd, cwd=self.sandbox, env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}{r.stderr}"
+        return re.search(r"^(\d+)", r.stdout, re.M).group(1)
 
     def show(self, job_id: str) -> dict:
         r = subprocess.run(["scontrol", "show", "job", "-o", job_id],
@@ -103,8 +115,9 @@ class Cluster:
                 pytest.fail(f"still not finished after {timeout:.0f} s, cancelled\n{job.describe()}")
             time.sleep(poll)
 
-    def run(self, template: str, *sbatch_args: str, args=(), env=None, timeout=300) -> Job:
-        return self.wait(self.sbatch(template, *sbatch_args, args=args, env=env), timeout)
+    def run(self, template: str, *sbatch_args: str, args=(), env=None, timeout=300, cwd=None) -> Job:
+        """Submit (from ``cwd``, default the sandbox) and wait; the log is read from ``cwd``."""
+        return self.wait(self.sbatch(template, *sbatch_args, args=args, env=env, cwd=cwd), timeout, where=cwd)
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +131,14 @@ def cluster(tmp_path_factory) -> Cluster:
     sandbox = tmp_path_factory.mktemp("slurm-submit")
     # sbatch runs on this host and the nodes share its filesystem: links are enough
     for entry in REPO.iterdir():
-        if entry.name not in {".git", ".venv", "logs", "runs", "data"} and not entry.name.endswith(".out"):
+        if entry.name in {".git", ".venv", "logs", "runs", "data"} or entry.name.endswith(".out"):
+            continue
+        if entry.name == "03_LLM_Training_on_GPU":  # a real folder, to submit from (`cd 03_... && sbatch ddp.slurm`)
+            (sandbox / entry.name).mkdir()
+            for f in entry.iterdir():
+                if not f.name.endswith(".out"):
+                    (sandbox / entry.name / f.name).symlink_to(f)
+        else:
             (sandbox / entry.name).symlink_to(entry)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SBATCH_", "SALLOC_", "LLM_", "SLURM_")) and k != "HF_HOME"}  # fmt: skip

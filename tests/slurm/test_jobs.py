@@ -51,6 +51,37 @@ def test_hello(cluster):
     assert "environment OK" in job.log and "hello from Slurm: done" in job.log
 
 
+def test_gpu_job_with_cpu_only_torch_fails_loudly(cluster):
+    """GPUs granted, torch cannot use them, no CPU run asked for (LLM_DEVICE unset): hello.slurm and a training
+    template stop with exit 1 and one line that names the cause and the fix, instead of training on the CPU."""
+    t0 = time.monotonic()
+    ids = {"hello": cluster.sbatch("01_Basics/hello.slurm", "--time=3", "--gpus-per-node=2", env={"LLM_DEVICE": None}),
+           "ddp": cluster.sbatch("03_LLM_Training_on_GPU/ddp.slurm", "--time=3", "--gpus-per-node=1",
+                                 env={"LLM_DEVICE": None})}  # fmt: skip
+    jobs = {name: cluster.wait(job_id, timeout=180) for name, job_id in ids.items()}
+    assert time.monotonic() - t0 < 120, "a loud failure should come within a minute or two"
+    for job in jobs.values():
+        assert job.state == "FAILED" and job.fields["ExitCode"] != "0:0", job.describe()
+        assert "Slurm granted GPUs (SLURM_" in job.log and "CPU-only build" in job.log, job.describe()
+        assert "scripts/setup.sh --cuda cu126" in job.log and "LLM_DEVICE=cpu" in job.log, job.describe()
+    assert "environment OK" not in jobs["hello"].log and "GPU ERROR: Slurm granted GPUs" in jobs["hello"].log
+    assert "GPUs granted: 2" in jobs["hello"].log and "processes per node (NPROC): 2" in jobs["hello"].log
+    assert not LOSS.search(jobs["ddp"].log), "trained although the GPU was unusable"
+
+
+def test_gpus_per_task_reach_each_task(cluster):
+    """srun --gpus-per-task=1: every task gets its own GPU and counts as granted (so it would use cuda:0)."""
+    env = {**cluster.env, "PATH": f"{cluster.env['LLM_VENV']}/bin:{cluster.env['PATH']}"}
+    code = ("import os; from common.distributed import slurm_gpu_grant as g; "
+            "print('task', os.environ['SLURM_LOCALID'], os.environ['CUDA_VISIBLE_DEVICES'], g())")  # fmt: skip
+    r = subprocess.run(["srun", "-p", "a100", "-n", "2", "--gpus-per-task=1", "--time=2", "python", "-c", code],
+                       cwd=cluster.sandbox, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    tasks = sorted(re.findall(r"task (\d) (\S+) SLURM_STEP_GPUS=(\S+)", r.stdout))
+    assert [t[0] for t in tasks] == ["0", "1"] and tasks[0][1] != tasks[1][1], r.stdout
+    assert all(t[1] == t[2] for t in tasks), r.stdout  # the step's own GPU, the one it sees
+
+
 def test_allreduce_two_nodes(cluster):
     job = cluster.run("01_Basics/allreduce.slurm", "--time=3", args=["--size-mb", "8", "--iters", "5"],
                       env={"NPROC_PER_NODE": "1"}, timeout=180)  # fmt: skip
@@ -65,9 +96,12 @@ def test_allreduce_two_nodes(cluster):
 def ddp_reference(cluster):
     """ddp.slurm on one node, uninterrupted (also the reference of the requeue test)."""
     # --time=15: the header's warning (USR1 330 s before the end, at the latest) must not come
-    job = cluster.run("03_LLM_Training_on_GPU/ddp.slurm", "--time=15", args=TRAIN_ARGS,
-                      env={"NPROC_PER_NODE": "2"}, timeout=600)  # fmt: skip
+    # submitted from the chapter's folder, as `cd 03_LLM_Training_on_GPU && sbatch ddp.slurm`: the template
+    # finds the clone itself and the log lands in that folder
+    job = cluster.run("ddp.slurm", "--time=15", args=TRAIN_ARGS, env={"NPROC_PER_NODE": "2"}, timeout=600,
+                      cwd=cluster.sandbox / "03_LLM_Training_on_GPU")  # fmt: skip
     assert_ok(job)
+    assert f"repository {cluster.sandbox} |" in job.log, job.describe()
     return job, summary(cluster, job)
 
 
@@ -78,11 +112,13 @@ def test_ddp_one_node(ddp_reference):
     assert "(restart 0)" in job.log and "requeue" not in job.log
 
 
-def test_ddp_multinode_on_v100(cluster):
-    job = cluster.run("03_LLM_Training_on_GPU/ddp_multinode.slurm", "-p", "v100", "--time=10",
-                      args=["--preset", "tiny", "--max-steps", "40", "--log-interval", "10"],
-                      env={"NPROC_PER_NODE": "1"}, timeout=300)  # fmt: skip
+def test_ddp_multinode_on_v100(cluster, tmp_path):
+    """Submitted by its absolute path from another folder (as from $HOME): the log lands there."""
+    job = cluster.run(str(cluster.sandbox / "03_LLM_Training_on_GPU/ddp_multinode.slurm"), "-p", "v100",
+                      "--time=10", args=["--preset", "tiny", "--max-steps", "40", "--log-interval", "10"],
+                      env={"NPROC_PER_NODE": "1"}, timeout=300, cwd=tmp_path)  # fmt: skip
     assert_ok(job)
+    assert (tmp_path / f"ddp-multinode-{job.id}.out").exists()
     assert "on v100-[1-2]: head v100-1:" in job.log
     assert_trains(job, 40)
     assert summary(cluster, job)["world_size"] == 2

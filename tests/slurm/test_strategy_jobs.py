@@ -3,7 +3,10 @@ FSDP, FSDP + TP, ZeRO across two nodes (ddp.slurm and ddp_multinode.slurm are in
 
 All seven are submitted at once with short tiny-preset runs and share the four nodes (and this machine's
 cores); each must finish cleanly, train, and write a summary with the expected number of processes.
-Only command-line overrides, as a user would type them: partition, --time, NPROC_PER_NODE, script arguments.
+Submitted as 01_Basics/README.md says, with `01_Basics/submit.sh [--v100]` and the second site profile
+(01_Basics/sites/local-ci.env: partitions gpu_a100/gpu_v100, account and reservation llm_course): the
+templates run unchanged on a site with other names. Only command-line overrides otherwise, as a user
+would type them: --time, NPROC_PER_NODE, script arguments.
 """
 
 import pytest
@@ -27,7 +30,7 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def jobs(cluster):
-    ids = {name: cluster.sbatch(f"{CH}/{name}", "-p", part, "--time=10", args=ARGS + extra,
+    ids = {name: cluster.submit(f"{CH}/{name}", "--time=10", gpu=part, args=ARGS + extra,
                                 env={"NPROC_PER_NODE": str(nproc)})  # fmt: skip
            for name, (part, nproc, extra, _, _) in JOBS.items()}
     return {name: cluster.wait(job_id, timeout=900) for name, job_id in ids.items()}
@@ -39,6 +42,7 @@ def test_strategy_template_trains(cluster, jobs, name):
     assert_ok(job)
     assert line in job.log, job.describe()
     assert_trains(job, STEPS)
-    assert job.fields["Partition"] == part
+    assert job.fields["Partition"] == f"gpu_{part}", job.describe()  # the profile's name for the GPU type
+    assert job.fields["Account"] == job.fields["Reservation"] == "llm_course", job.describe()
     result = summary(cluster, job)
     assert result["world_size"] == world and result["steps"] == STEPS, result
