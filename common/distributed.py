@@ -95,8 +95,8 @@ def cuda_problem() -> str:
     except Exception as e:  # no driver, a driver too old for this CUDA build, no device node
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use a GPU ({reason}): "
-            f"check `nvidia-smi` on the node; if the driver is older than CUDA {torch.version.cuda} needs, "
-            f"rebuild with an older CUDA, e.g. `bash scripts/setup.sh --cuda cu118`")
+            f"check `nvidia-smi` on the node; a driver older than CUDA {torch.version.cuda} needs must be "
+            f"updated, or the environment rebuilt for an older CUDA (`bash scripts/setup.sh --cuda cuXYZ`)")
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

@@ -74,16 +74,18 @@ def main(argv: list[str] | None = None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     on_gpu = torch.cuda.is_available()
+    # bf16 needs Ampere (compute capability 8.0) or newer: torch.cuda.is_bf16_supported() is True on a V100
+    # too (emulated, slow), so ask the hardware; V100 trains in fp16 with loss scaling
+    bf16 = on_gpu and torch.cuda.get_device_capability(0)[0] >= 8
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=a.model, max_seq_length=a.max_len, load_in_4bit=a.qlora,
-        dtype=None if on_gpu else torch.float32)  # None: bf16 where supported, fp16 on V100
+        dtype=(torch.bfloat16 if bf16 else torch.float16) if on_gpu else torch.float32)
     sft_data.ensure_chat_template(tokenizer)
     model = FastLanguageModel.get_peft_model(
         model, r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, bias="none", random_state=a.seed,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth" if on_gpu else False)
     train, val = (load_split(Path(a.data_dir), s, n) for s, n in (("train", a.train_examples), ("val", a.val_examples)))
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
     args = SFTConfig(output_dir=a.out_dir, max_steps=a.max_steps, per_device_train_batch_size=a.batch_size,
                      per_device_eval_batch_size=16, learning_rate=a.lr, lr_scheduler_type="cosine", warmup_steps=5,
                      logging_steps=1, save_strategy="no", report_to=[], seed=a.seed, max_length=a.max_len,
