@@ -4,8 +4,8 @@ DCP writes each rank's shard of the model and optimizer in parallel and can load
 different world size or strategy (DDP, FSDP, TP, a single process for export). ``get_state_dict``
 gives parameter names without wrapper prefixes (``module.``), so a DDP checkpoint loads into a plain
 model. Besides the DCP files a step folder holds ``trainer_state.json`` (step, loss history, loss
-scaler), ``rng_rank<R>.pt`` (RNG tensors) and ``manifest.json``. Nothing is unpickled beyond an
-explicit list of names (``common/safe_load.py``).
+scaler), ``rng_rank<R>.pt`` (RNG tensors) and ``manifest.json`` (``common/manifest.py``). Nothing is
+unpickled beyond an explicit list of names (``common/safe_load.py``).
 
 Layout and the order of writing (each step durable — fsync'd — before the next):
 
@@ -34,14 +34,11 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
-import time
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
@@ -49,127 +46,24 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from common.distributed import DistInfo, any_rank, barrier, log
 from common.errors import UserError
+from common.manifest import (
+    MANIFEST,
+    STEP_DIR,
+    fsync_path,
+    gather_files,
+    step_folders,
+    step_of,
+    verify,
+    write_durable,
+    write_manifest,
+)
 from common.safe_load import SafePlanner, SafeReader, check_pickles, load_metadata
 
 __all__ = ["save", "latest", "load", "verify", "seal", "check_pickles"]
 
-MANIFEST = "manifest.json"
-STEP_DIR = re.compile(r"step_(\d+)")
-VERIFY_CHECKSUMS_UP_TO = 1 << 30  # bytes per folder: bigger ones are checked by size only (sha256 ~1 GB/s)
-
 # Optimizer state keyed by parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"): pipeline stages hold
 # different parameters, and un-flattened "param_groups" lists of different ranks would collide in DCP's merge.
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-# ----------------------------------------------------------------------------- durable files
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically: a temp file, fsync, rename over, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _step_of(folder: Path) -> int:
-    return int(STEP_DIR.fullmatch(folder.name).group(1))
-
-
-def _step_folders(root: Path) -> list[Path]:
-    """Finished step folders, newest first."""
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=_step_of, reverse=True)
-
-
-# ----------------------------------------------------------------------------- manifest
-def _owned_by(name: str, rank: int) -> bool:
-    return name.startswith(f"__{rank}_") or name == f"rng_rank{rank}.pt"  # DCP names data files __<rank>_<n>.distcp
-
-
-def _describe_own_files(folder: Path, info: DistInfo) -> dict:
-    """{name: {size, sha256}} of the files this rank wrote (rank 0: also every file no rank owns); fsyncs them."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name in (MANIFEST, MANIFEST + ".tmp"):
-            continue
-        mine = _owned_by(p.name, info.rank) or (
-            info.is_main and not any(_owned_by(p.name, r) for r in range(info.world_size)))
-        if mine:
-            _fsync_path(p)
-            out[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    return out
-
-
-def _gather_files(folder: Path, info: DistInfo) -> dict:
-    """Collective: every rank hashes its own files in parallel; rank 0 gets them all."""
-    own = _describe_own_files(folder, info)
-    if not info.initialized:
-        return own
-    parts = [None] * info.world_size
-    dist.all_gather_object(parts, own)
-    return {name: rec for part in parts for name, rec in part.items()}
-
-
-def _write_manifest(folder: Path, step: int, files: dict, info: DistInfo, model_config) -> None:
-    manifest = {"format": 1, "step": step, "world_size": info.world_size, "model_config": model_config,
-                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-    _write_durable(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
-
-
-def verify(folder: str | Path, checksums: bool | None = None) -> str | None:
-    """None if ``folder`` matches its manifest, else what is wrong (one line).
-
-    Sizes are always compared; checksums when ``checksums`` is True, or (None) when the folder holds at
-    most ``VERIFY_CHECKSUMS_UP_TO`` bytes.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return f"{folder} does not exist"
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files, step = manifest["files"], int(manifest["step"])
-        sizes = {name: int(rec["size"]) for name, rec in files.items()}
-    except FileNotFoundError:
-        return f"{folder} has no {MANIFEST} (its save did not finish)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{folder / MANIFEST} is unreadable ({type(e).__name__})"
-    if STEP_DIR.fullmatch(folder.name) and step != _step_of(folder):
-        return f"{folder / MANIFEST} records step {step}, not {_step_of(folder)}"
-    if ".metadata" not in files and not any(n.endswith(".pt") for n in files):
-        return f"{folder / MANIFEST} lists no checkpoint data"
-    for name, size in sizes.items():
-        path = folder / name
-        if "/" in name or name in ("", ".", ".."):
-            return f"{folder / MANIFEST} names a file outside the folder ({name!r})"
-        if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes, the manifest records {size} (truncated or replaced)"
-    if checksums or (checksums is None and sum(sizes.values()) <= VERIFY_CHECKSUMS_UP_TO):
-        for name, rec in files.items():
-            if _sha256(folder / name) != rec.get("sha256"):
-                return f"{folder / name} does not match its sha256 in {MANIFEST} (damaged)"
-    return None
 
 
 # ----------------------------------------------------------------------------- save
@@ -267,7 +161,7 @@ def save(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
     files = {}
 
     def describe() -> None:
-        files.update(_gather_files(tmp, info))
+        files.update(gather_files(tmp, info))
 
     if err := _attempt(info, write_shards):
         raise _fail(err, step, root, tmp, info)
@@ -276,16 +170,16 @@ def save(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
 
     def commit() -> None:
         state = json.dumps({"step": step, **trainer_state}).encode()
-        _write_durable(tmp / "trainer_state.json", state)
+        write_durable(tmp / "trainer_state.json", state)
         files["trainer_state.json"] = {"size": len(state), "sha256": hashlib.sha256(state).hexdigest()}
-        _write_manifest(tmp, step, files, info, trainer_state.get("model_config"))  # last: marks it complete
+        write_manifest(tmp, step, files, info, trainer_state.get("model_config"))  # last: marks it complete
         old = root / f".{final.name}.old"
         if final.exists():  # saved before (e.g. a resume with a smaller --max-steps): replace whole, never mix
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
         shutil.rmtree(old, ignore_errors=True)
-        _write_durable(root / "latest", final.name.encode())
+        write_durable(root / "latest", final.name.encode())
 
     if err := _attempt(info, commit, main_only=True):
         raise _fail(err, step, root, tmp, info)
@@ -298,11 +192,11 @@ def save(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.opti
 def seal(folder: str | Path, step: int, info: DistInfo, model_config=None, keep: int = 0) -> Path:
     """Collective: give a folder written by another library (DeepSpeed) a manifest, point ``latest`` at it."""
     folder = Path(folder)
-    files = _gather_files(folder, info)
+    files = gather_files(folder, info)
     if info.is_main:
-        _write_manifest(folder, step, files, info, model_config)
-        _fsync_path(folder)
-        _write_durable(folder.parent / "latest", folder.name.encode())
+        write_manifest(folder, step, files, info, model_config)
+        fsync_path(folder)
+        write_durable(folder.parent / "latest", folder.name.encode())
         if keep > 0:
             _prune(folder.parent, folder, keep)
     barrier(info)
@@ -311,7 +205,7 @@ def seal(folder: str | Path, step: int, info: DistInfo, model_config=None, keep:
 
 def _prune(root: Path, newest: Path, keep: int) -> None:
     """Remove intact step folders older than ``newest`` beyond the newest ``keep`` (``newest`` included)."""
-    older = [p for p in _step_folders(root) if _step_of(p) < _step_of(newest) and verify(p, checksums=False) is None]
+    older = [p for p in step_folders(root) if step_of(p) < step_of(newest) and verify(p, checksums=False) is None]
     for p in older[keep - 1:]:
         try:
             shutil.rmtree(p)
@@ -323,7 +217,7 @@ def _prune(root: Path, newest: Path, keep: int) -> None:
 def latest(out_dir: str | Path, checksums: bool | None = None) -> Path | None:
     """The step folder ``latest`` names if intact, else the newest intact one (with a warning), else None."""
     root = Path(out_dir) / "checkpoints"
-    pointer, folders, problems, named = root / "latest", _step_folders(root), [], None
+    pointer, folders, problems, named = root / "latest", step_folders(root), [], None
     if pointer.is_file():
         name = pointer.read_text(errors="replace").strip()
         if STEP_DIR.fullmatch(name):
@@ -395,7 +289,7 @@ def load(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | 
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist")
     if (path / MANIFEST).exists():
-        if why := verify(path, checksums=False):  # sizes: cheap; latest() has checked the checksums
+        if why := verify(path):  # sizes, and checksums unless the folder is huge
             raise UserError(f"checkpoint {path} is damaged: {why}")
     else:
         log.warning(f"checkpoint {path} has no {MANIFEST}: its files cannot be verified")

@@ -14,11 +14,12 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from common import checkpoint, safe_load
+from common import checkpoint, manifest, safe_load
 from common.distributed import DistInfo, log
 from common.errors import UserError
 from common.model import GPT, ModelConfig
@@ -74,8 +75,8 @@ def two_steps(tmp_path):
 
 def reseal(folder):
     """Rewrite the manifest to match tampered files: an attacker can do that too, a manifest is no signature."""
-    files = checkpoint._describe_own_files(folder, DistInfo())
-    checkpoint._write_manifest(folder, checkpoint._step_of(folder), files, DistInfo(), None)
+    files = manifest.describe_own_files(folder, DistInfo())
+    manifest.write_manifest(folder, manifest.step_of(folder), files, DistInfo(), None)
 
 
 # ----------------------------------------------------------------------------- crafted pickles
@@ -188,12 +189,12 @@ def test_check_pickles_refuses_a_crafted_pt_and_accepts_deepspeed_classes(tmp_pa
 def test_manifest_records_every_file_and_is_written_last(tmp_path):
     model, optimizer = make_model()
     path = save(tmp_path, 3, model, optimizer)
-    manifest = json.loads((path / "manifest.json").read_text())
+    m = json.loads((path / "manifest.json").read_text())
     names = {p.name for p in path.iterdir()} - {"manifest.json"}
-    assert set(manifest["files"]) == names >= {".metadata", "__0_0.distcp", "rng_rank0.pt", "trainer_state.json"}
-    assert manifest["step"] == 3 and manifest["world_size"] == 1
-    assert manifest["model_config"] == {"n_layers": 2, "dim": 32}
-    for name, rec in manifest["files"].items():
+    assert set(m["files"]) == names >= {".metadata", "__0_0.distcp", "rng_rank0.pt", "trainer_state.json"}
+    assert m["step"] == 3 and m["world_size"] == 1
+    assert m["model_config"] == {"n_layers": 2, "dim": 32}
+    for name, rec in m["files"].items():
         assert rec["size"] == (path / name).stat().st_size and len(rec["sha256"]) == 64
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000003"]  # no temp
 
@@ -221,7 +222,7 @@ def test_latest_falls_back_to_newest_intact(two_steps, warnings_seen, damage):
     target, optimizer = make_model(seed=9)
     checkpoint.load(checkpoint.latest(out), target, optimizer, DistInfo())
     assert same_weights(target, models[1])
-    if damage in ("truncate", "delete_file"):  # loading the damaged folder directly: one line naming the file
+    if damage in ("truncate", "flip_byte", "delete_file"):  # loading the damaged folder directly: names the file
         with pytest.raises(UserError) as e:
             checkpoint.load(step2, target, optimizer, DistInfo())
         assert str(data) in one_line(e)
@@ -314,7 +315,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatc
     if where == "shards":
         monkeypatch.setattr(checkpoint.dcp, "save", full_disk)
     else:
-        monkeypatch.setattr(checkpoint, "_write_manifest", lambda *a: full_disk())
+        monkeypatch.setattr(checkpoint, "write_manifest", lambda *a: full_disk())
     model, optimizer = make_model(seed=2)
     with pytest.raises(UserError) as e:
         save(tmp_path, 2, model, optimizer)
@@ -328,7 +329,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_folder(tmp_path, monkeypatc
 def test_other_write_errors_are_one_line(tmp_path, monkeypatch):
     good, optimizer = make_model(seed=1)
     save(tmp_path, 1, good, optimizer)
-    monkeypatch.setattr(checkpoint, "_write_manifest", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda *a: (_ for _ in ()).throw(
         PermissionError(errno.EACCES, "Permission denied", "manifest.json")))
     with pytest.raises(UserError) as e:
         save(tmp_path, 2, *make_model(seed=2))
@@ -354,3 +355,44 @@ def test_disk_full_on_a_real_small_tmpfs(tmp_path):
         _assert_previous_intact(mnt, good)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+# ----------------------------------------------------------------------------- two ranks
+def _two_rank_worker(rank: int, out: str, port: int, fail_rank: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2)
+    model, optimizer = make_model(seed=1)
+    checkpoint.save(out, 1, model, optimizer, info, {"losses": []})
+    if rank == fail_rank:  # this rank's disk fills up after DCP's collective write: only this rank knows
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        checkpoint._rng_state = full
+    try:
+        checkpoint.save(out, 2, model, optimizer, info, {"losses": []})
+        result = "saved"
+    except UserError as e:
+        result = str(e)
+    (Path(out) / f"result{rank}").write_text(result)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_manifest_and_fail_together(tmp_path):
+    """Each rank hashes its own files; one rank's full disk fails the save on both, with no partial folder."""
+    import socket as s
+
+    import torch.multiprocessing as mp
+
+    with s.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(str(tmp_path), port, 1), nprocs=2, join=True)
+    m = json.loads((tmp_path / "checkpoints" / "step_000001" / "manifest.json").read_text())
+    assert m["world_size"] == 2 and {"rng_rank0.pt", "rng_rank1.pt", "__0_0.distcp", "__1_0.distcp"} <= set(m["files"])
+    r0, r1 = ((tmp_path / f"result{r}").read_text() for r in (0, 1))
+    assert r1.startswith(f"no space left on {tmp_path / 'checkpoints'} while writing checkpoint step 2;")
+    assert r0.startswith("another rank failed while writing checkpoint step 2") and "latest is still step_000001" in r0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]
+    assert checkpoint.latest(tmp_path).name == "step_000001"
