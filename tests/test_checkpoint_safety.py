@@ -186,6 +186,21 @@ def test_check_pickles_refuses_a_crafted_pt_and_accepts_deepspeed_classes(tmp_pa
 
 
 # ----------------------------------------------------------------------------- manifest and latest
+def test_seal_gives_a_foreign_folder_a_manifest(tmp_path, warnings_seen):
+    """DeepSpeed writes its own step folders: seal() adds the manifest, so latest() can trust and fall back."""
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        folder = root / f"step_00000{step}"
+        folder.mkdir(parents=True)
+        torch.save({"module": {"w": torch.full((4,), float(step))}}, folder / "mp_rank_00_model_states.pt")
+        (root / "latest").write_text(folder.name)  # DeepSpeed moves its pointer itself, before the manifest
+        assert checkpoint.latest(tmp_path) == (None if step == 1 else root / "step_000001")
+        checkpoint.seal(folder, step, DistInfo(), {"n_layers": 2}, keep=1)
+    assert checkpoint.latest(tmp_path) == root / "step_000002" and not (root / "step_000001").exists()
+    assert checkpoint.check_pickles(root / "step_000002") == [root / "step_000002" / "mp_rank_00_model_states.pt"]
+    assert json.loads((root / "step_000002" / "manifest.json").read_text())["model_config"] == {"n_layers": 2}
+
+
 def test_manifest_records_every_file_and_is_written_last(tmp_path):
     model, optimizer = make_model()
     path = save(tmp_path, 3, model, optimizer)
