@@ -162,6 +162,7 @@ def main(cfg: Config) -> dict:
         return loss
 
     def forward_backward(x, y) -> torch.Tensor:
+        scaler.scale(torch.zeros((), device=info.device))  # every stage's scaler needs its scale, not just the last's
         pipeline_loss.training = True
         loss = run_pipeline(x, y, pipe.step)
         pipeline_loss.training = False

@@ -125,6 +125,9 @@ def main(cfg: Config) -> dict:
     except ImportError:
         raise UserError("DeepSpeed is not installed: pip install deepspeed (or bash scripts/setup.sh test)") from None
     run = setup(cfg, strategy="zero")
+    if run.precision.name == "fp16" and run.info.device.type == "cpu":  # every rank alike: nothing hangs
+        raise UserError("--precision fp16 with zero.py needs a GPU: DeepSpeed's CPU accelerator has no fp16; use fp32 "
+                        "on CPU (or ddp.py / fsdp.py --precision fp16, which run fp16 autocast on CPU too)")
     ds_config = deepspeed_config(cfg.ds_config, run)
     if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (a world of one)
         dist.init_process_group(run.info.backend, store=dist.HashStore(), rank=0, world_size=1)

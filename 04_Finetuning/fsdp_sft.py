@@ -18,15 +18,15 @@ Launch (from the repository root; the model is an HF folder or a hub name fetche
 Outputs in --out-dir: summary.json, log.jsonl, checkpoints/step_N (sharded DCP), hf/ (merged model
 + tokenizer, loads with AutoModelForCausalLM), adapter/ (LoRA only). SIGUSR1 (Slurm's time-limit warning)
 saves a checkpoint and stops; ``--resume`` continues from it with the same losses. Options: ``--help``.
+The training loop, checkpoints, logging, MFU and preemption are chapter 03's (``common.trainer.train``);
+this script brings the model, the chat batches, the answer-only loss and the evaluation.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,54 +39,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sft_data  # noqa: E402
 
-from common import checkpoint, distributed  # noqa: E402
-from common.config import add_dataclass_flags, doc  # noqa: E402
+from common import distributed  # noqa: E402
+from common.config import TrainConfig, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
 from common.errors import UserError  # noqa: E402
-from common.metrics import JsonlLog, Throughput, mfu, peak_memory_bytes, peak_tflops  # noqa: E402
-from common.precision import choose_precision, describe  # noqa: E402
-from common.trainer import Signals, build_optimizer, lr_at  # noqa: E402
+from common.trainer import Batch, Strategy, Task, build_optimizer, run_main, setup, train  # noqa: E402
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainConfig):
+    """The shared training config (steps, batch, lr schedule, precision, checkpoints ...) + what SFT adds."""
+
     model: str = doc("HF model folder, or a hub name already in the cache (prefetch.py)", "runs/base-tiny/hf")
-    data: str = doc("'shakespeare' (offline, from the plays) or hf:NAME[:CONFIG]", "shakespeare")
     tasks: str = doc("comma-separated question types for --data shakespeare (speaker, next)", "speaker,next")
     train_examples: int = doc("use the first N training examples (0 = all)", 0)
     val_examples: int = doc("validation examples for loss and exact match", 64)
     max_len: int = doc("longest example in tokens (the prompt's start is cut first)", 256)
-    max_steps: int = doc("optimizer steps", 100)
-    batch_size: int = doc("global batch in examples per step (any number of processes)", 16)
-    micro_batch_size: int = doc("examples per forward pass per process", 16)
-    lr: float = doc("peak learning rate (LoRA likes ~10x the full fine-tuning rate)", 1e-4)
-    min_lr: float = doc("final learning rate of the cosine schedule", 1e-5)
-    warmup_steps: int = doc("linear warm-up steps", 10)
-    weight_decay: float = doc("AdamW weight decay (matrices only)", 0.0)
-    grad_clip: float = doc("clip the global gradient norm (0 = off)", 1.0)
-    seed: int = doc("seed for data order and adapter initialisation", 0)
-    device: str = doc("auto, cpu or cuda", "auto")
-    precision: str = doc("auto, fp32, bf16 or fp16 (auto: bf16 on A100/H100, fp16 on V100, fp32 on CPU)", "auto")
     lora: bool = doc("train LoRA adapters (PEFT) instead of all weights", False)
     lora_r: int = doc("LoRA rank", 8)
     lora_alpha: int = doc("LoRA scale numerator (scale = alpha / r)", 16)
     lora_dropout: float = doc("dropout on the LoRA input", 0.0)
-    activation_checkpointing: bool = doc("recompute layer activations in backward (less memory)", False)
-    out_dir: str = doc("run folder", "runs/sft")
-    ckpt_interval: int = doc("sharded checkpoint every N steps (0 = only at the end)", 0)
-    resume: bool = doc("continue from the latest checkpoint in out_dir if there is one", False)
     max_new_tokens: int = doc("longest generated answer for exact match", 16)
     eval_batch_size: int = doc("examples per evaluation batch per process", 16)
-    log_interval: int = doc("log every N steps", 10)
-    threads: int = doc("CPU threads per process (0 = cores / processes)", 0)
-    peak_tflops: float = doc("peak TFLOP/s per device for MFU (0 = from the device table or measured)", 0.0)
-    timeout_s: int = doc("collective timeout in seconds", 600)
 
+    NOT_USED = ("preset", "seq_len", "tokenizer", "vocab_size", "data_dir", "eval_batches", "sample_tokens")
 
-def parse(argv: list[str] | None = None) -> SFTConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(p, SFTConfig, with_defaults=True)
-    return SFTConfig(**vars(p.parse_args(argv)))
+    @classmethod
+    def defaults(cls, preset: str) -> dict:  # fine-tuning defaults (a pretrained model: small lr, no decay)
+        return dict(lr=1e-4, min_lr=1e-5, max_steps=100, warmup_steps=10, weight_decay=0.0, seed=0,
+                    out_dir="runs/sft", eval_interval=0, batch_size=16, micro_batch_size=16)
+
+    def check(self) -> None:
+        if self.activation_checkpointing == "selective":
+            raise UserError("--activation-checkpointing selective is not available with fsdp_sft.py: Hugging Face "
+                            "models checkpoint whole layers; use --activation-checkpointing (full)")
+        if self.max_len < 2 or self.val_examples < 1 or self.eval_batch_size < 1:
+            raise UserError("--max-len must be >= 2, --val-examples and --eval-batch-size >= 1")
 
 
 def load_model(cfg: SFTConfig):
@@ -96,7 +84,7 @@ def load_model(cfg: SFTConfig):
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     sft_data.ensure_chat_template(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    if cfg.activation_checkpointing:
+    if cfg.activation_checkpointing == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora:
@@ -127,7 +115,8 @@ def flops_per_token(model, lora: bool) -> tuple[int, int]:
 
 
 def apply_fsdp(model, precision, mesh):
-    """fully_shard each decoder layer, then the root (embeddings, final norm, head)."""
+    """fully_shard each decoder layer, then the root (embeddings, final norm, head): chapter 03's pattern
+    (``common.parallelize.apply_fsdp``) on the layers of a Hugging Face model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     layer_types = tuple(getattr(model, "_no_split_modules", None) or ["LlamaDecoderLayer"])
@@ -211,122 +200,69 @@ def save_hf(model, tokenizer, cfg: SFTConfig, info, out: Path) -> None:
     distributed.barrier(info)
 
 
+def sft_task(run, model, tokenizer, train_tok, val, val_tok) -> Task:
+    """Chats in a seeded order per epoch; the global batch is padded alike on every rank, and each
+    example carries the weight world / (answer tokens of the global batch): the loss is the mean over
+    every answer token of the global batch, whatever the number of ranks or micro-batches."""
+    cfg, info = run.cfg, run.info
+    per_rank, steps_per_epoch = run.per_rank_batch, len(train_tok) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_tok)} training examples are fewer than one batch of {cfg.batch_size}")
+    lengths = []
+
+    def batch(step: int) -> Batch:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_tok))
+        rows = [train_tok[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+        length = max(len(x) for x, _ in rows)
+        n_target = sum(sum(t != sft_data.IGNORE for t in y[1:]) for _, y in rows)
+        ids, mask, labels = collate(rows[info.rank * per_rank : (info.rank + 1) * per_rank], tokenizer.pad_token_id,
+                                    length)
+        weight = torch.full((per_rank,), info.world_size / n_target)
+        lengths.append(length)
+        run.facts["mean_seq_len"] = float(np.mean(lengths))  # for the summary's MFU
+        return Batch(tuple(t.to(info.device) for t in (ids, mask, labels, weight)),
+                     sum(len(x) for x, _ in rows), length)
+
+    return Task(batch, lambda: evaluate(model, tokenizer, val, val_tok, info, run.precision, cfg), evaluate_first=True)
+
+
 def main(cfg: SFTConfig) -> dict:
-    info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
-    precision = choose_precision(cfg.precision, info.device)
-    if cfg.batch_size % info.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by {info.world_size} processes")
-    out = Path(cfg.out_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    run = setup(cfg, strategy="fsdp_sft", token_data=False)
+    info = run.info
     tokenizer, model = load_model(cfg)
     data = sft_data.load_sft(cfg.data, tuple(cfg.tasks.split(",")), seed=cfg.seed)
-    train = data["train"][: cfg.train_examples or None]
+    train_ex = data["train"][: cfg.train_examples or None]
     val = data["val"][: cfg.val_examples - cfg.val_examples % info.world_size]
-    train_tok = [sft_data.tokenize(tokenizer, ex, cfg.max_len) for ex in train]
+    train_tok = [sft_data.tokenize(tokenizer, ex, cfg.max_len) for ex in train_ex]
     val_tok = [sft_data.tokenize(tokenizer, ex, cfg.max_len) for ex in val]
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     flops_a, flops_b = flops_per_token(model, cfg.lora)  # before sharding: full shapes
-    log.info(f"fsdp_sft: {info.world_size} process(es) on {info.device.type} | {describe(precision)} | "
-             f"{'LoRA' if cfg.lora else 'full'}: {n_train:,} of {n_all:,} parameters trained | "
-             f"{len(train)} train / {len(val)} val examples")
-    if info.world_size > 1:  # one process is the reference: the plain model, no wrapper
-        model = apply_fsdp(model, precision, distributed.make_mesh(info, dp=info.world_size))
+    log.info(f"fsdp_sft: {'LoRA' if cfg.lora else 'full'}: {n_train:,} of {n_all:,} parameters trained | "
+             f"{len(train_ex)} train / {len(val)} val examples")
+    sharded = info.world_size > 1  # one process is the reference: the plain model, no wrapper
+    if sharded:
+        model = apply_fsdp(model, run.precision, distributed.make_mesh(info, dp=info.world_size))
     model.to(info.device)
-    optimizer = build_optimizer(model, cfg)
-    scaler = precision.scaler()  # fp16 (V100): DTensor all-reduces the inf check, so ranks step alike
-    start, losses, before = 0, [], None
-    resume_from = checkpoint.latest(out) if cfg.resume else None
-    if resume_from:  # weights, optimizer, RNG; the data order is a function of the step
-        state = checkpoint.load(resume_from, model, optimizer, info)
-        start, losses, before = state["step"], state["losses"], state.get("before")
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
-        log.info(f"resumed from {resume_from} at step {start}")
-    if before is None:
-        before = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
-    log.info(f"before: val loss {before['val_loss']:.4f} | exact match {before['exact_match']:.1%}")
+    run.facts.update(model=cfg.model, lora=cfg.lora, trainable_params=n_train)
 
-    def save(step: int) -> Path:
-        return checkpoint.save(out, step, model, optimizer, info, {
-            "losses": losses, "before": before, "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+    @contextmanager
+    def grad_sync(last: bool):  # accumulation: reduce-scatter the gradients only after the last micro-batch
+        if sharded:
+            model.set_requires_gradient_sync(last)
+        yield
 
-    per_rank = cfg.batch_size // info.world_size
-    micro = max(d for d in range(1, per_rank + 1) if per_rank % d == 0 and d <= cfg.micro_batch_size)
-    jsonl, meter = JsonlLog(out / "log.jsonl" if info.is_main else None), Throughput()
-    lengths = []  # padded sequence length per step, for the attention FLOPs
-    peak, peak_src = peak_tflops(info.device, precision.name, cfg.peak_tflops)
-    log.info(f"peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src}) for MFU")
-    steps_per_epoch = len(train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train)} training examples are fewer than one batch of {cfg.batch_size}")
-    model.train()
-    with Signals() as signals:  # Slurm's USR1 before the time limit (or TERM): checkpoint and stop
-        for step in range(start, cfg.max_steps):
-            meter.start()
-            epoch, k = divmod(step, steps_per_epoch)
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
-            batch = [train_tok[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
-            length = max(len(x) for x, _ in batch)  # pad the global batch alike on every rank
-            n_target = sum(sum(t != sft_data.IGNORE for t in y[1:]) for _, y in batch)
-            ids, mask, labels = collate(batch[info.rank * per_rank : (info.rank + 1) * per_rank],
-                                        tokenizer.pad_token_id, length)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            total = 0.0
-            for m in range(0, per_rank, micro):
-                if info.world_size > 1:  # reduce-scatter gradients only after the last micro-batch
-                    model.set_requires_gradient_sync(m + micro >= per_rank)
-                with precision.autocast():
-                    s, _ = token_loss_sum(model, *(t[m : m + micro].to(info.device) for t in (ids, mask, labels)))
-                # mean over the global batch's answer tokens; FSDP averages gradients over ranks, so x world
-                scaler.scale(s * info.world_size / n_target).backward()
-                total += s.item() / n_target
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                  cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            loss = distributed.all_reduce_mean(total, info) * info.world_size
-            tok_s = meter.stop(int(sum(len(x) for x, _ in batch)))
-            lengths.append(length)
-            step_mfu = mfu(flops_a + flops_b * length, tok_s, peak, info.world_size)
-            losses.append(loss)
-            jsonl.write(step=step + 1, loss=loss, grad_norm=float(norm), tokens_per_s=tok_s, mfu=step_mfu)
-            if (step + 1) % cfg.log_interval == 0 or step == 0:
-                log.info(f"step {step + 1}/{cfg.max_steps} | loss {loss:.4f} | grad_norm {float(norm):.3f} | "
-                         f"{tok_s:,.0f} tok/s" + (f" | mfu {step_mfu:.1%}" if step_mfu else ""))
-            if distributed.any_rank(signals.received is not None, info):
-                path = save(step + 1)
-                log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
-                return {"preempted": True, "step": step + 1}
-            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
-                save(step + 1)
-    after = evaluate(model, tokenizer, val, val_tok, info, precision, cfg)
-    log.info(f"after:  val loss {after['val_loss']:.4f} | exact match {after['exact_match']:.1%} | "
-             f"e.g. {after['example_prediction']!r}")
-    save(cfg.max_steps)
-    save_hf(model, tokenizer, cfg, info, out)
-    mean_flops = flops_a + flops_b * float(np.mean(lengths or [0]))
-    summary = dict(model=cfg.model, lora=cfg.lora, world_size=info.world_size, device=info.device.type,
-                   precision=precision.name, steps=cfg.max_steps, trainable_params=n_train, params=n_all,
-                   losses=losses, before=before, after=after, tokens_per_s=meter.tokens_per_s,
-                   mfu=mfu(mean_flops, meter.tokens_per_s, peak, info.world_size),
-                   peak_memory_bytes=peak_memory_bytes(info.device))
-    if info.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    def loss_of(ids, mask, labels, weight) -> torch.Tensor:
+        return token_loss_sum(model, ids, mask, labels)[0] * weight[0]
+
+    summary = train(run, Strategy(model, build_optimizer(model, cfg), lambda seq_len: flops_a + flops_b * seq_len,
+                                  n_all, grad_sync=grad_sync, loss_of=loss_of),
+                    sft_task(run, model, tokenizer, train_tok, val, val_tok))
+    if not summary.get("preempted"):
+        save_hf(model, tokenizer, cfg, info, run.out_dir)
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main(parse())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        distributed.teardown()
-        sys.exit(2)
-    distributed.teardown()
+    run_main(main, __doc__, cls=SFTConfig)

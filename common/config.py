@@ -24,6 +24,7 @@ import os
 import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import tomllib
 
@@ -92,6 +93,20 @@ class TrainConfig:
         "backward (ZeRO-2-like: more memory, one all-gather less)", True)
     model: dict = doc("model overrides: the config file's [model] table", default_factory=dict)
 
+    NOT_USED: ClassVar[tuple[str, ...]] = ()  # fields a subclass's script ignores: no flag for them
+
+    @classmethod
+    def defaults(cls, preset: str) -> dict:
+        """Training defaults that sit between the dataclass defaults and the user's values."""
+        return TRAIN_PRESETS[preset]
+
+    def check(self) -> None:
+        """Checks of the model shape (a subclass with another kind of model overrides this)."""
+        try:
+            self.model_config()
+        except (ValueError, TypeError) as e:
+            raise UserError(str(e)) from None
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         over = dict(self.model)
         if vocab_size is not None:
@@ -148,7 +163,7 @@ def build_parser(cls=TrainConfig, description: str = "") -> argparse.ArgumentPar
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML file with overrides (e.g. a run's config.toml; see common/config.py)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
-    add_dataclass_flags(p, cls)
+    add_dataclass_flags(p, cls, skip=cls.NOT_USED)
     return p
 
 
@@ -189,7 +204,7 @@ def make_config(cls=TrainConfig, /, **values) -> TrainConfig:
     preset = values.get("preset", "tiny")
     if preset not in TRAIN_PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(TRAIN_PRESETS)}")
-    merged = {**TRAIN_PRESETS[preset], **values}
+    merged = {**cls.defaults(preset), **values}
     for name, value in merged.items():
         merged[name] = _typed(name, value, field_type(known[name]))
     cfg = cls(**merged)
@@ -231,10 +246,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    try:
-        cfg.model_config()
-    except (ValueError, TypeError) as e:
-        raise UserError(str(e)) from None
+    cfg.check()
 
 
 def to_toml(cfg: TrainConfig) -> str:
@@ -250,7 +262,7 @@ def to_toml(cfg: TrainConfig) -> str:
         return str(v)
 
     d = cfg.to_dict()
-    model = d.pop("model")
+    model = d.pop("model") if isinstance(d.get("model"), dict) else {}
     lines = [f"{k} = {value(v)}" for k, v in d.items() if v is not None]
     if model:
         lines += ["", "[model]", *(f"{k} = {value(v)}" for k, v in model.items())]

@@ -53,6 +53,12 @@ REFUSED: dict[str, dict[str, str]] = {
              "no_reshard_after_forward": "pick the ZeRO stage in the DeepSpeed config: ds_zero2.json keeps weights "
                                          "whole, ds_zero3.json shards them"},
 }
+REFUSED["fsdp_sft"] = {  # chapter 04: a Hugging Face model, sharded with FSDP2 per decoder layer
+    "compile": "fine-tuning runs eager here: drop --compile",
+    "sequence_parallel": "fsdp_sft.py shards with FSDP only: drop --sequence-parallel",
+    "loss_parallel": "fsdp_sft.py shards with FSDP only: drop --loss-parallel",
+    "cpu_offload": "not wired for fine-tuning: use --lora (adapters only: a tiny optimizer state) to save memory",
+    "no_reshard_after_forward": "not wired for fine-tuning: drop the flag"}
 FLAGS = ("compile", "activation_checkpointing", "sequence_parallel", "loss_parallel", "cpu_offload",
          "no_reshard_after_forward")
 

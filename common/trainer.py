@@ -43,7 +43,7 @@ class Run:
     cfg: TrainConfig
     info: DistInfo
     precision: Precision
-    data: TokenData
+    data: TokenData | None  # the token shards of a pretraining run (None: the script brings its own data)
     strategy: str
     out_dir: Path
     dp_rank: int = 0  # this rank's index among data-parallel replicas
@@ -65,8 +65,9 @@ class Run:
         return self.per_rank_batch // self.micro_batch
 
 
-def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambda world: world) -> Run:
-    """Check the flags and layout, then initialise processes, precision and data.
+def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambda world: world,
+          token_data: bool = True) -> Run:
+    """Check the flags and layout, then initialise processes, precision and (``token_data``) the token shards.
     ``dp_size(world)`` = number of data-parallel replicas (it may raise a layout error)."""
     check_flags(cfg, strategy)  # before any collective can hang
     _, world, _, _ = distributed.env_ranks()
@@ -80,11 +81,12 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.toml").write_text(to_toml(cfg))
-    data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=info.is_main)
+    data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=info.is_main) if token_data else None
     distributed.barrier(info)
     log.info(f"{strategy}: {info.world_size} process(es) on {info.device.type} ({info.backend}), "
              f"{torch.get_num_threads()} CPU thread(s) each | {describe(precision)}")
-    log.info(f"data: {data.dir} ({len(data.train):,} train tokens, vocab {data.vocab_size})")
+    if data is not None:
+        log.info(f"data: {data.dir} ({len(data.train):,} train tokens, vocab {data.vocab_size})")
     # data-parallel index for meshes with dp as the outer dimension (rank = dp_rank * inner + inner_rank)
     dp_rank = info.rank // (info.world_size // dp)
     return Run(cfg, info, precision, data, strategy, out_dir, dp_rank=dp_rank, dp_size=dp)
@@ -159,14 +161,16 @@ class Strategy:
 
     model: nn.Module  # tokens -> logits, wrapped or sharded as the strategy needs
     optimizer: torch.optim.Optimizer
-    flops_per_token: float  # training FLOPs per token of the whole model (for MFU)
+    flops_per_token: float | Callable[[int], float]  # training FLOPs per token of the whole model (for MFU),
+    # or a function of the sequence length when it varies from batch to batch (fine-tuning)
     num_params: int  # parameters of the whole model (not this rank's shard or stage)
     scaler: torch.amp.GradScaler | None = None  # default: the precision's (enabled for fp16 only)
     autocast: Callable[[], AbstractContextManager] | None = None  # default: the precision's autocast
     loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. tensor parallel's loss_parallel
     grad_sync: Callable[[bool], AbstractContextManager] = _no_context
     backward: Callable[[torch.Tensor], None] | None = None  # default: scaler.scale(loss).backward()
-    forward_backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: accumulate
+    loss_of: Callable[..., torch.Tensor] | None = None  # one micro-batch's share of the loss; default: LM loss / n
+    forward_backward: Callable[..., torch.Tensor] | None = None  # one rank's batch -> mean loss; default: accumulate
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: loss of model(x)
     clip: Callable[[float], torch.Tensor] | None = None  # default: clip the global norm of model's gradients
     update: Callable[[float], tuple[float, bool]] | None = None  # default: clip_and_step; -> (norm, applied?)
@@ -180,7 +184,8 @@ class Strategy:
         self.scaler = self.scaler or run.precision.scaler()
         self.autocast = self.autocast or run.precision.autocast
         self.backward = self.backward or (lambda loss: self.scaler.scale(loss).backward())
-        self.forward_backward = self.forward_backward or (lambda x, y: accumulate(self, run.accum_steps, x, y))
+        self.loss_of = self.loss_of or (lambda x, y: loss_fn(self.model(x), y) / run.accum_steps)
+        self.forward_backward = self.forward_backward or (lambda *batch: accumulate(self, run.accum_steps, batch))
         self.eval_loss = self.eval_loss or (lambda x, y: full(loss_fn(self.model(x), y)))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = self.clip or (lambda max_norm: clip_grad_norm_(params, max_norm))
@@ -192,17 +197,56 @@ class Strategy:
         return self
 
 
-def accumulate(s: Strategy, n: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def accumulate(s: Strategy, n: int, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """This rank's share of the global batch in ``n`` micro-batches; gradients add up, and are reduced
-    across ranks only in the last one. Returns the mean loss (a tensor on the device: no host sync)."""
-    total = torch.zeros((), device=x.device)
-    for i, (xb, yb) in enumerate(zip(x.chunk(n), y.chunk(n))):
+    across ranks only in the last one. Returns the summed loss (a tensor on the device: no host sync)."""
+    total = torch.zeros((), device=batch[0].device)
+    for i, micro in enumerate(zip(*(t.chunk(n) for t in batch))):
         with s.grad_sync(i == n - 1), s.loss_context():
             with s.autocast():
-                loss = loss_fn(s.model(xb), yb) / n
+                loss = s.loss_of(*micro)
             s.backward(loss)
         total += full(loss.detach()).float()
     return total
+
+
+@dataclass
+class Batch:
+    inputs: tuple[torch.Tensor, ...]  # this rank's share of the global batch, on the device
+    tokens: int  # tokens of the global batch (for tokens/s)
+    seq_len: int  # sequence length (for the attention FLOPs)
+
+
+@dataclass
+class Task:
+    """What a run trains on: its batches by step, and how it is evaluated (collective, -> {"val_loss": ...})."""
+
+    batch: Callable[[int], Batch]
+    evaluate: Callable[[], dict]
+    evaluate_first: bool = False  # also evaluate before the first step (summary "before")
+
+
+def lm_task(run: Run, s: Strategy) -> Task:
+    """Next-token prediction on the token shards: every data-parallel rank reads its slice of a batch."""
+    cfg, info = run.cfg, run.info
+    train_sampler = Sampler(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed)
+    val_sampler = Sampler(run.data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+
+    def batch(step: int) -> Batch:
+        x, y = (t.to(info.device) for t in train_sampler.batch(step, run.dp_rank, run.dp_size))
+        return Batch((x, y), cfg.batch_size * cfg.seq_len, cfg.seq_len)
+
+    def evaluate() -> dict:
+        s.model.eval()
+        total = torch.zeros((), device=info.device)
+        with torch.no_grad(), s.loss_context(), s.autocast():
+            for i in range(cfg.eval_batches):
+                x, y = (t.to(info.device) for t in val_sampler.batch(i, run.dp_rank, run.dp_size))
+                total += s.eval_loss(x, y).float()
+        s.model.train()
+        return {"val_loss": distributed.all_reduce_mean(total.item() / cfg.eval_batches, info)}
+
+    return Task(batch, evaluate)
 
 
 class Signals:
@@ -233,11 +277,12 @@ class History:
     """What a checkpoint carries besides weights: the loss curve, evaluations, the loss scale."""
 
     losses: list = field(default_factory=list)
-    evals: list = field(default_factory=list)
+    evals: list = field(default_factory=list)  # [step, val_loss]
     step: int = 0
+    before: dict | None = None  # the evaluation before the first step (Task.evaluate_first)
 
     def state(self, s: Strategy) -> dict:
-        return {"losses": self.losses, "evals": self.evals,
+        return {"losses": self.losses, "evals": self.evals, "before": self.before,
                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}
 
 
@@ -253,19 +298,7 @@ def resume(run: Run, s: Strategy) -> History:
     if state.get("scaler") and s.scaler.is_enabled():
         s.scaler.load_state_dict(state["scaler"])
     log.info(f"resumed from {path} at step {state['step']}")
-    return History(state["losses"], state["evals"], state["step"])
-
-
-def evaluate(run: Run, s: Strategy, sampler: Sampler) -> float:
-    cfg, info = run.cfg, run.info
-    s.model.eval()
-    total = torch.zeros((), device=info.device)
-    with torch.no_grad(), s.loss_context(), s.autocast():
-        for i in range(cfg.eval_batches):
-            x, y = (t.to(info.device) for t in sampler.batch(i, run.dp_rank, run.dp_size))
-            total += s.eval_loss(x, y).float()
-    s.model.train()
-    return distributed.all_reduce_mean(total.item() / cfg.eval_batches, info)
+    return History(state["losses"], state["evals"], state["step"], state.get("before"))
 
 
 def clip_and_step(s: Strategy, max_norm: float) -> tuple[float, bool]:
@@ -282,69 +315,58 @@ def clip_and_step(s: Strategy, max_norm: float) -> tuple[float, bool]:
     return norm, True
 
 
-def train_step(run: Run, s: Strategy, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, bool]:
+def train_step(run: Run, s: Strategy, step: int, batch: Batch) -> tuple[float, float, bool]:
     """One optimizer step; returns (global mean loss, gradient norm, whether the update was applied).
     A non-finite loss (all-reduced: every rank agrees) skips the update."""
     cfg = run.cfg
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    loss = distributed.all_reduce_mean(s.forward_backward(x, y).item(), run.info)
+    loss = distributed.all_reduce_mean(s.forward_backward(*batch.inputs).item(), run.info)
     if not math.isfinite(loss):
         return loss, float("nan"), False
     norm, applied = s.update(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     return loss, norm, applied
 
 
-def train(run: Run, s: Strategy) -> dict:
-    """Train ``cfg.max_steps`` optimizer steps; returns (and on rank 0 writes) the summary."""
+def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
+    """Train ``cfg.max_steps`` optimizer steps of ``task`` (default: next-token prediction on the token
+    shards); returns (and on rank 0 writes) the summary, or {"preempted": True, ...} after a signal."""
     cfg, info = run.cfg, run.info
     s.bind(run)
-    train_sampler = Sampler(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed)
-    val_sampler = Sampler(run.data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+    task = task or lm_task(run, s)
     hist = resume(run, s)
-    start = hist.step
+    if task.evaluate_first and hist.before is None:
+        hist.before = task.evaluate()
+        log.info("before training: " + " | ".join(f"{k} {v:.4g}" for k, v in hist.before.items()
+                                                  if isinstance(v, float)))
     sink = MetricsSink(run.out_dir, cfg, info.is_main)
     peak, peak_src = peak_tflops(info.device, run.precision.name, cfg.peak_tflops)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    log.info(f"global batch {cfg.batch_size} x {cfg.seq_len} tokens = {run.dp_size} data-parallel rank(s) x "
-             f"{run.accum_steps} micro-batch(es) of {run.micro_batch} | peak {peak or float('nan'):.2f} "
-             f"TFLOP/s per device ({peak_src})")
-    meter, bad, mem = Throughput(), 0, None
+    log.info(f"global batch {cfg.batch_size} = {run.dp_size} data-parallel rank(s) x {run.accum_steps} "
+             f"micro-batch(es) of {run.micro_batch} | peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src})")
+    meter, bad, mem, start = Throughput(), 0, None, hist.step
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=hist.step, desc=run.strategy, dynamic_ncols=True,
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=run.strategy, dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main), mininterval=1 if sys.stderr.isatty() else 30)
     say = bar.write if info.is_main and not bar.disable else log.info
     s.model.train()
     with Signals() as signals:
-        for step in range(hist.step, cfg.max_steps):
+        for step in range(start, cfg.max_steps):
             meter.start()
-            x, y = (t.to(info.device) for t in train_sampler.batch(step, run.dp_rank, run.dp_size))
-            loss, norm, ok = train_step(run, s, step, x, y)
+            batch = task.batch(step)
+            loss, norm, ok = train_step(run, s, step, batch)
             if step == cfg.max_steps - 1:  # gradients still allocated: count them before zero_grad frees them
                 mem = s.memory()
             s.zero_grad()
             bad = 0 if ok else bad + 1
             if bad:
-                last = s.checkpointer.latest(run.out_dir)
-                say(f"step {step + 1}: non-finite loss {loss} or gradient norm {norm}: update skipped ({bad} in a row)")
-                if bad >= MAX_BAD_STEPS:
-                    sink.close()
-                    raise UserError(f"{bad} consecutive non-finite steps (last: step {step + 1}, loss {loss}); "
-                                    f"last good checkpoint: {last or 'none'}; likely causes: learning rate too high "
-                                    f"(--lr {cfg.lr:g}), fp16 overflow (try --precision bf16 or fp32), bad data")
-            tok_s = meter.stop(tokens_per_step)
+                stop_if_diverged(run, s, step, loss, norm, bad, say, sink)
             hist.losses.append(loss)
             hist.step = step + 1
             bar.update(1)
-            record = dict(step=step + 1, loss=loss, lr=lr_at(step, cfg), grad_norm=norm, tokens_per_s=tok_s,
-                          mfu=mfu(s.flops_per_token, tok_s, peak, info.world_size))
-            if s.scaler.is_enabled():
-                record["loss_scale"] = s.scaler.get_scale()
-            if not ok:
-                record["skipped"] = True
+            record = step_record(run, s, step, loss, norm, ok, meter.stop(batch.tokens), peak, batch.seq_len)
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.max_steps:
-                record["val_loss"] = evaluate(run, s, val_sampler)
+                record["val_loss"] = task.evaluate()["val_loss"]
                 hist.evals.append([step + 1, record["val_loss"]])
             sink.write(record)
             if (step + 1) % cfg.log_interval == 0 or step == start or "val_loss" in record:
@@ -358,7 +380,34 @@ def train(run: Run, s: Strategy) -> dict:
             if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.max_steps:
                 s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
     bar.close()
-    return finish(run, s, hist, val_sampler, meter, mem or s.memory(), peak, sink)
+    return finish(run, s, task, hist, meter, mem or s.memory(), peak, sink)
+
+
+def flops_at(s: Strategy, seq_len: int) -> float:
+    return s.flops_per_token(seq_len) if callable(s.flops_per_token) else s.flops_per_token
+
+
+def step_record(run: Run, s: Strategy, step: int, loss: float, norm: float, ok: bool, tok_s: float,
+                peak: float | None, seq_len: int) -> dict:
+    """One line of log.jsonl (the sink adds the wall-clock time and the restart count)."""
+    record = dict(step=step + 1, loss=loss, lr=lr_at(step, run.cfg), grad_norm=norm, tokens_per_s=tok_s,
+                  mfu=mfu(flops_at(s, seq_len), tok_s, peak, run.info.world_size))
+    if s.scaler.is_enabled():
+        record["loss_scale"] = s.scaler.get_scale()
+    if not ok:
+        record["skipped"] = True
+    return record
+
+
+def stop_if_diverged(run: Run, s: Strategy, step: int, loss: float, norm: float, bad: int, say, sink) -> None:
+    """A skipped step is reported; ``MAX_BAD_STEPS`` in a row stop the run (exit 2) with what to try."""
+    say(f"step {step + 1}: non-finite loss {loss} or gradient norm {norm}: update skipped ({bad} in a row)")
+    if bad >= MAX_BAD_STEPS:
+        sink.close()
+        last = s.checkpointer.latest(run.out_dir)
+        raise UserError(f"{bad} consecutive non-finite steps (last: step {step + 1}, loss {loss}); last good "
+                        f"checkpoint: {last or 'none'}; likely causes: learning rate too high (--lr {run.cfg.lr:g}), "
+                        "fp16 overflow (try --precision bf16 or fp32), bad data")
 
 
 def format_record(r: dict, max_steps: int) -> str:
@@ -369,29 +418,32 @@ def format_record(r: dict, max_steps: int) -> str:
     return line + (f" | val_loss {r['val_loss']:.4f}" if "val_loss" in r else "")
 
 
-def finish(run: Run, s: Strategy, hist: History, val_sampler: Sampler, meter: Throughput, mem: dict,
-           peak: float | None, sink: MetricsSink) -> dict:
-    """Final validation, checkpoint, summary (rank 0 writes summary.json and loss.png)."""
+def finish(run: Run, s: Strategy, task: Task, hist: History, meter: Throughput, mem: dict, peak: float | None,
+           sink: MetricsSink) -> dict:
+    """Final evaluation, checkpoint, summary (rank 0 writes summary.json and loss.png)."""
     cfg, info = run.cfg, run.info
-    val_loss = evaluate(run, s, val_sampler)
-    hist.evals.append([cfg.max_steps, val_loss])
+    after = task.evaluate()
+    hist.evals.append([cfg.max_steps, after["val_loss"]])
     s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(s))
     mem["peak"] = peak_memory_bytes(info.device)
     per_rank = [mem]
     if info.world_size > 1:
         per_rank = [None] * info.world_size
         dist.all_gather_object(per_rank, mem)
+    seq_len = getattr(cfg, "seq_len", 0)
     summary = dict(
         strategy=run.strategy, preset=cfg.preset, world_size=info.world_size, device=str(info.device.type),
         device_name=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
-        precision=run.precision.name, steps=cfg.max_steps, final_loss=hist.losses[-1], val_loss=val_loss,
-        tokens_per_s=meter.tokens_per_s, mfu=mfu(s.flops_per_token, meter.tokens_per_s, peak, info.world_size),
+        precision=run.precision.name, steps=cfg.max_steps, final_loss=hist.losses[-1], val_loss=after["val_loss"],
+        tokens_per_s=meter.tokens_per_s, mfu=mfu(flops_at(s, run.facts.get("mean_seq_len", seq_len)),
+                                                 meter.tokens_per_s, peak, info.world_size),
         peak_tflops_per_device=peak, peak_memory_bytes=max(m["peak"] for m in per_rank),
         memory_per_rank=per_rank, params=s.num_params,
         threads_per_process=torch.get_num_threads() if info.device.type == "cpu" else None,
-        losses=hist.losses, evals=hist.evals, **run.facts)
-    log.info(f"done: final loss {hist.losses[-1]:.4f} | val loss {val_loss:.4f} | {meter.tokens_per_s:,.0f} tok/s"
-             + (f" | mfu {summary['mfu']:.1%}" if summary["mfu"] else "")
+        losses=hist.losses, evals=hist.evals, **({"before": hist.before} if hist.before else {}), after=after,
+        **run.facts)
+    log.info(f"done: final loss {hist.losses[-1]:.4f} | val loss {after['val_loss']:.4f} | "
+             f"{meter.tokens_per_s:,.0f} tok/s" + (f" | mfu {summary['mfu']:.1%}" if summary["mfu"] else "")
              + f" | peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB")
     if s.sample is not None and cfg.sample_tokens > 0:
         summary["sample"] = s.sample()

@@ -8,6 +8,7 @@ into one process, and the layout errors, raised before any process group exists.
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_untied_config_lets_the_gpt2_presets_be_pipelined():
 
     cfg = load_config(["--preset", "gpt2-small", "--config", str(ROOT / "03_LLM_Training_on_GPU/untied.toml")],
                       cls=pp.Config)
-    layout = pp.plan(cfg, world=4, schedule="interleaved1f1b", n_microbatches=8, virtual=2)
+    layout = pp.plan(replace(cfg, schedule="interleaved1f1b", n_microbatches=8, virtual_stages=2), world=4)
     assert layout["n_stages"] == 8 and sum(map(len, layout["layers_of_stage"])) == 12
     assert layout["stage_ids"](1) == [1, 5] and layout["bubble"] == pytest.approx(3 / 19)
     one = pp.plan(make_config(pp.Config, **COMMON, schedule="interleaved1f1b"), world=1)

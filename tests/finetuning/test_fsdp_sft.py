@@ -13,6 +13,9 @@ import pytest
 import torch
 from ftutil import ROOT, load_chapter
 
+from common import trainer
+from common.config import make_config
+
 sft = load_chapter("fsdp_sft")
 # 12 steps of 8 examples (micro-batches of 2: accumulation on both sides of the parity check)
 ARGS = dict(train_examples=400, val_examples=16, max_steps=12, batch_size=8, micro_batch_size=2, lr=3e-3,
@@ -21,7 +24,7 @@ ARGS = dict(train_examples=400, val_examples=16, max_steps=12, batch_size=8, mic
 
 
 def config(base_model, out_dir, **kw) -> "sft.SFTConfig":
-    return sft.SFTConfig(model=str(base_model), out_dir=str(out_dir), **{**ARGS, **kw})
+    return make_config(sft.SFTConfig, model=str(base_model), out_dir=str(out_dir), **{**ARGS, **kw})
 
 
 def test_exported_base_model_loads_in_transformers_offline(base_model):
@@ -107,18 +110,18 @@ def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, base_model,
     """SIGUSR1 (Slurm's time-limit warning) -> checkpoint + stop; --resume finishes like a straight run."""
     short = dict(max_steps=5, val_examples=8, max_new_tokens=2, lora=lora, lr=1e-2 if lora else 3e-3)
     straight = sft.main(config(base_model, tmp_path / "straight", **short))
-    original = sft.lr_at
+    original = trainer.lr_at
 
     def lr_with_signal(step, cfg):  # the warning arrives during step 3
         if step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
         return original(step, cfg)
 
-    monkeypatch.setattr(sft, "lr_at", lr_with_signal)
+    monkeypatch.setattr(trainer, "lr_at", lr_with_signal)
     assert sft.main(config(base_model, tmp_path / "split", **short)) == {"preempted": True, "step": 3}
     assert not (tmp_path / "split" / "summary.json").exists()
     seen = []  # the steps the resumed run trains: only 3 and 4 (0-based), or it did not resume
-    monkeypatch.setattr(sft, "lr_at", lambda step, cfg: seen.append(step) or original(step, cfg))
+    monkeypatch.setattr(trainer, "lr_at", lambda step, cfg: seen.append(step) or original(step, cfg))
     resumed = sft.main(config(base_model, tmp_path / "split", resume=True, **short))
     assert sorted(set(seen)) == [3, 4], seen
     assert len(resumed["losses"]) == 5 and resumed["before"] == straight["before"]
@@ -129,8 +132,32 @@ def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, base_model,
 def test_activation_checkpointing_gives_the_same_losses(tmp_path, base_model):
     short = dict(max_steps=3, val_examples=8, max_new_tokens=2)
     plain = sft.main(config(base_model, tmp_path / "a", **short))
-    ckpt = sft.main(replace(config(base_model, tmp_path / "b", **short), activation_checkpointing=True))
+    ckpt = sft.main(replace(config(base_model, tmp_path / "b", **short), activation_checkpointing="full"))
     assert max(abs(a - b) for a, b in zip(plain["losses"], ckpt["losses"])) <= 1e-5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--compile"], "--compile is not available with fsdp_sft.py: fine-tuning runs eager here"),
+    (["--cpu-offload"], "--cpu-offload is not available with fsdp_sft.py"),
+    (["--activation-checkpointing", "selective"], "Hugging Face models checkpoint whole layers"),
+    (["--seq-len", "64"], "unrecognized arguments: --seq-len 64"),
+])
+def test_sft_refuses_what_it_cannot_do(argv, message, capsys, tmp_path):
+    from common.trainer import run_main
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(sft.main, "", argv + ["--out-dir", str(tmp_path / "o")], cls=sft.SFTConfig)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and message in err and "\n" not in err, err
+
+
+def test_sft_config_round_trips_through_toml(tmp_path):
+    from common.config import load_config, to_toml
+
+    cfg = load_config(["--model", "some/hf", "--lora", "--lr", "0.01"], cls=sft.SFTConfig)
+    assert (cfg.model, cfg.lora, cfg.lr, cfg.weight_decay, cfg.out_dir) == ("some/hf", True, 0.01, 0.0, "runs/sft")
+    (tmp_path / "c.toml").write_text(to_toml(cfg))
+    assert load_config(["--config", str(tmp_path / "c.toml")], cls=sft.SFTConfig) == cfg
 
 
 def test_prefetch_dry_run_and_help():
