@@ -175,3 +175,45 @@ def test_submit_uses_the_profile_over_the_header(cluster, tmp_path):
         assert fields["MinMemoryNode"] == "1000M", fields
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
+
+
+def job_env(tmp_path, **env) -> dict:
+    """Source 01_Basics/job_env.sh as a template does (no cluster needed) and return what it exported."""
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LLM_REPO": str(REPO), "LLM_VENV": str(tmp_path / "venv"),
+            "SLURM_JOB_NAME": "ddp", "SLURM_JOB_ID": "77"}  # fmt: skip
+    (tmp_path / "venv/bin").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "venv/bin/activate").write_text('export PATH="$(dirname "${BASH_SOURCE[0]}"):$PATH"\n')
+    if not (tmp_path / "venv/bin/python").exists():
+        (tmp_path / "venv/bin/python").symlink_to(sys.executable)
+    script = f'set -euo pipefail; source "{REPO}/01_Basics/job_env.sh" >/dev/null; env'
+    r = subprocess.run(["bash", "-c", script], env={**base, **env}, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+
+def test_job_env_counts_gpus_and_shares_cpus(tmp_path):
+    e = job_env(tmp_path, SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="16")
+    assert (e["NPROC"], e["OMP_NUM_THREADS"], e["SRUN_CPUS_PER_TASK"]) == ("4", "4", "16")
+    assert e["LLM_OUT"] == "runs/ddp-77" and e["LLM_SITE_FILE"] == str(REPO / "01_Basics/site.env")
+    # no SLURM_GPUS_ON_NODE (an older Slurm, --gres): count the visible GPUs instead of falling back to 1
+    e = job_env(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2", SLURM_CPUS_PER_TASK="12")
+    assert (e["NPROC"], e["OMP_NUM_THREADS"]) == ("3", "4")
+    e = job_env(tmp_path, NPROC_PER_NODE="2", SLURM_GPUS_ON_NODE="4", SLURM_ARRAY_JOB_ID="70",
+                SLURM_ARRAY_TASK_ID="3", LLM_STORAGE="/scratch/me/llm")  # fmt: skip
+    assert e["NPROC"] == "2" and e["LLM_OUT"] == "/scratch/me/llm/runs/ddp-70_3"
+    assert e["LLM_DATA"] == "/scratch/me/llm/data" and e["HF_HOME"] == "/scratch/me/llm/huggingface"
+    assert job_env(tmp_path)["NPROC"] == "1"  # CPU job
+
+
+def test_site_sh_exports_sbatch_variables(tmp_path):
+    script = (f'source "{REPO}/01_Basics/site.sh" 2>/dev/null; llm_sbatch_env v100; env | grep -E "^S(BATCH|ALLOC)_"; '
+              f'llm_sbatch_env a100 && echo "a100 -> $SBATCH_PARTITION"')  # fmt: skip
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LLM_SITE": str(REPO / "01_Basics/sites/local-ci.env")}
+    r = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    out = set(r.stdout.split())
+    assert {"SBATCH_PARTITION=gpu_v100", "SBATCH_ACCOUNT=llm_course", "SBATCH_RESERVATION=llm_course",
+            "SBATCH_MEM_PER_NODE=1000", "SALLOC_PARTITION=gpu_v100"} <= out, r.stdout + r.stderr  # fmt: skip
+    assert "a100 -> gpu_a100" in r.stdout and not any(x.startswith("SBATCH_QOS") for x in out)
+    r = subprocess.run(["bash", "-c", f'source "{REPO}/01_Basics/site.sh"; llm_sbatch_env v100'],
+                       env={**env, "LLM_PARTITION_V100": ""}, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 1 and "names no v100 partition (LLM_PARTITION_V100)" in r.stderr
