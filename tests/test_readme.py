@@ -36,3 +36,19 @@ def test_quickstart_trains_with_ddp(tmp_path, data_dir):
     assert summary["strategy"] == "ddp" and summary["steps"] == 8
     assert summary["world_size"] == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
     assert summary["losses"][-1] < summary["losses"][0]
+
+
+def test_agenda_times_add_up():
+    """The landing page's agenda: consecutive slots from 0:00 to the length its heading announces."""
+    readme = (ROOT / "README.md").read_text()
+    heading = re.search(r"## Agenda \((\d+) h (\d+) min\)", readme)
+    assert heading, "README.md has an '## Agenda (H h M min)' section"
+    total = int(heading[1]) * 60 + int(heading[2])
+    section = readme.split(heading[0], 1)[1].split("\n## ", 1)[0]
+    slots = [(int(a) * 60 + int(b), int(c) * 60 + int(d))
+             for a, b, c, d in re.findall(r"^\| [^|]* \| (\d):(\d\d)–(\d):(\d\d) \|", section, re.M)]  # fmt: skip
+    assert len(slots) >= 8, slots
+    assert slots[0][0] == 0 and slots[-1][1] == total, (slots, total)
+    for (_, end), (start, _) in zip(slots, slots[1:]):
+        assert end == start, f"gap or overlap at {end} min"
+    assert 210 <= total <= 240, "a 3.5-4 hour tutorial"
