@@ -359,8 +359,6 @@ def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
                 mem = s.memory()
             s.zero_grad()
             bad = 0 if ok else bad + 1
-            if bad:
-                stop_if_diverged(run, s, step, loss, norm, bad, say, sink)
             hist.losses.append(loss)
             hist.step = step + 1
             bar.update(1)
@@ -371,6 +369,8 @@ def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
             sink.write(record)
             if (step + 1) % cfg.log_interval == 0 or step == start or "val_loss" in record:
                 say(format_record(record, cfg.max_steps))
+            if bad:
+                stop_if_diverged(run, s, step, loss, norm, bad, say, sink)
             if distributed.any_rank(signals.received is not None, info):
                 path = s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
                 bar.close()

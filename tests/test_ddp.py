@@ -183,3 +183,49 @@ def test_loss_plot_and_hf_export_cli(tmp_path, data_dir):
     hf_main(["export", str(tmp_path / "e" / "checkpoints" / "step_000003"), str(tmp_path / "hf")])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
+
+
+def test_tensorboard_plot_and_wandb_sinks(tmp_path, data_dir):
+    """--tensorboard writes event files with the logged scalars; python -m common.plot draws runs (also a log
+    whose last line is half-written, as while a job runs); --wandb without wandb installed is one line."""
+    import importlib.util
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from common.plot import main as plot_main
+
+    s = run_single(tmp_path, "tb", data_dir, max_steps=4, tensorboard=True, eval_interval=2)
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx(s["losses"]) and [e.step for e in events.Scalars("val/loss")] == [2]
+    with open(tmp_path / "tb" / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a job still writing
+    run_single(tmp_path, "other", data_dir, max_steps=3)
+    png = plot_main([str(tmp_path / "tb"), str(tmp_path / "other"), "-o", str(tmp_path / "c.png")])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(UserError, match="--wandb needs the wandb package"):
+            run_single(tmp_path, "wb", data_dir, max_steps=2, wandb=True)
+
+
+def test_non_finite_loss_is_skipped_then_stops_the_run(tmp_path, data_dir):
+    """--lr 1e6: the steps go non-finite; each is skipped, 3 in a row stop the run with one line; the
+    summary never exists and no checkpoint holds non-finite weights."""
+    with pytest.raises(UserError) as err:
+        run_single(tmp_path, "nan", data_dir, lr=1e6, ckpt_interval=1, max_steps=20)
+    msg = str(err.value)
+    assert "consecutive non-finite steps" in msg and "learning rate too high" in msg and "\n" not in msg, msg
+    log = [json.loads(x) for x in (tmp_path / "nan" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in log[-3:]] == [True] * 3
+    assert all(r["loss"] is None or r["grad_norm"] is None for r in log[-3:])  # non-finite: null in strict JSON
+    assert not (tmp_path / "nan" / "summary.json").exists()
+    from common import checkpoint
+    from common.distributed import DistInfo
+    from common.model import GPT
+
+    latest = checkpoint.latest(tmp_path / "nan")
+    if latest is not None:  # whatever was checkpointed before the blow-up is finite
+        model = GPT(make_config(**COMMON).model_config(vocab_size=4096))
+        checkpoint.load(latest, model, None, DistInfo())
+        assert all(p.isfinite().all() for p in model.parameters())
