@@ -51,7 +51,7 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 echo "== installing $REQ"
 "${PIP[@]}" install -q -r "$REQ"
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit((torch.version.cuda is not None) != $want_cuda)"; then
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit((torch.version.cuda is not None) != $want_cuda)" 2>/dev/null; then
   echo "error: $REQ left a torch that is not the $LLM_TARGET build; set TORCH_INDEX_URL=$DEFAULT_INDEX" >&2
   exit 1
 fi

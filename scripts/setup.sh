@@ -65,7 +65,7 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   "${PIP[@]}" install -q --force-reinstall --no-deps ${index:+--index-url "$index"} "$TORCH_SPEC"
   "${PIP[@]}" install -q ${index:+--index-url "$index"} "$TORCH_SPEC"
 fi
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit((torch.version.cuda is not None) != $want_cuda)"; then
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit((torch.version.cuda is not None) != $want_cuda)" 2>/dev/null; then
   echo "error: the torch installed is not the $LLM_TARGET build; set TORCH_INDEX_URL=$DEFAULT_INDEX" >&2
   exit 1
 fi
