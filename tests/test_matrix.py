@@ -8,12 +8,14 @@ strategy refuses are checked to be refused before any process group exists (test
 Tolerances, and why they hold on any x86-64 CPU:
 - fp32, no compile: max |dloss| <= 1e-5. The same float32 math runs on every rank; only the order of
   the sums in the all-reduce / reduce-scatter differs from one process (rounding ~1e-7 relative per
-  step, then AdamW). Measured here: <= 2e-6. Losses, not weights: AdamW turns tiny gradient
+  step, then AdamW). Measured here (2026-11-30): <= 9.6e-7. Losses, not weights: AdamW turns tiny gradient
   differences on rarely-seen embedding rows into lr-sized weight steps that change no loss.
 - compile: max |dloss| <= 1e-4. Inductor fuses elementwise ops and may reassociate float sums
-  (and on CPU vectorises with the machine's ISA), so the bits differ from eager; measured here ~1e-5.
-- fp16 (autocast + dynamic loss scaling): finite, falling, the loss scale is logged, and within 0.1
-  of fp32 at every step: fp16 has a 10-bit mantissa (~1e-3 relative per op); measured here ~2e-2.
+  (and on CPU vectorises with the machine's ISA), so the bits may differ from eager; measured here
+  <= 9.6e-7 (on this CPU inductor kept eager's arithmetic), 100x margin for other ISAs.
+- fp16 (autocast + dynamic loss scaling): finite, falling, the loss scale is logged, and within 1e-2
+  of fp32 at every step: fp16 has a 10-bit mantissa (~5e-4 relative per op); the mean over 512 tokens
+  averages most of it away: measured here <= 9.8e-5; 1e-2 leaves 100x for CPUs with native fp16 math.
 Activation checkpointing (full and selective) is exact recomputation: held to the fp32 1e-5.
 """
 
@@ -31,7 +33,7 @@ from common.parallelize import REFUSED
 CH = "03_LLM_Training_on_GPU"
 BASE = dict(preset="tiny", batch_size=8, micro_batch_size=2, seq_len=64, max_steps=10, log_interval=5,
             eval_interval=5, eval_batches=2, sample_tokens=0, progress=False, seed=11, threads=1)
-FP32_TOL, COMPILE_TOL, FP16_TOL = 1e-5, 1e-4, 0.1
+FP32_TOL, COMPILE_TOL, FP16_TOL = 1e-5, 1e-4, 1e-2
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ZERO2 = str(ROOT / CH / "ds_zero2.json")
 
@@ -147,7 +149,10 @@ def test_ddp_compile_with_accumulation_on_one_process(runs, data_dir, tmp_path):
     assert d <= COMPILE_TOL
 
 
-@pytest.mark.parametrize("script,flag", [(s, f) for s, flags in REFUSED.items() for f in flags])
+CH03 = [s for s in REFUSED if s != "fsdp_sft"]  # fsdp_sft.py (chapter 04): tests/finetuning/test_fsdp_sft.py
+
+
+@pytest.mark.parametrize("script,flag", [(s, f) for s in CH03 for f in REFUSED[s]])
 def test_refused_flags(script, flag, monkeypatch, tmp_path):
     """Every refused cell of the table: one line naming the alternative, before any process group."""
     import torch
@@ -176,7 +181,7 @@ def test_readme_table_matches_the_matrix():
     rows = {line.split("|")[1].strip().strip("`"): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| `")}
     columns = list(FLAGS) + ["fp16", "accumulation", "resume"]
-    assert set(rows) == set(REFUSED), rows.keys()
+    assert set(rows) == set(CH03), rows.keys()
     for script, cells in rows.items():
         assert len(cells) == len(columns) and all(cells), (script, cells)
         for col, cell in zip(columns, cells):
