@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,4 +349,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # bad input: one line, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 from common.data import EOT
+from common.errors import UserError
 from common.model import GPT, ModelConfig
 
 _LAYER_MAP = {
@@ -130,4 +132,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # bad input: one line, exit code 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

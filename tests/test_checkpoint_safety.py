@@ -411,3 +411,24 @@ def test_two_ranks_write_one_manifest_and_fail_together(tmp_path):
     assert r0.startswith("another rank failed while writing checkpoint step 2") and "latest is still step_000001" in r0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000001"]
     assert checkpoint.latest(tmp_path).name == "step_000001"
+
+
+def test_hf_export_of_a_crafted_checkpoint_is_one_line_exit_2(tmp_path, data_dir):
+    """``python -m common.hf export`` (the other way checkpoints get loaded) refuses it the same way."""
+    from common.config import make_config
+    from common.trainer import padded_vocab
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(f'preset = "tiny"\ndata_dir = "{data_dir}"\n')
+    cfg = make_config(preset="tiny", data_dir=str(data_dir))
+    model = GPT(cfg.model_config(vocab_size=padded_vocab(4096)))
+    step = checkpoint.save(run, 1, model, torch.optim.AdamW(model.parameters()), DistInfo(), {})
+    marker = tmp_path / "PWNED"
+    (step / ".metadata").write_bytes(pickle.dumps(Reduce(f"touch {marker}")))
+    reseal(step)
+    proc = subprocess.run([sys.executable, "-m", "common.hf", "export", str(step), str(tmp_path / "hf")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: refusing to load checkpoint metadata {step / '.metadata'}")
+    assert proc.stderr.count("\n") == 1 and not marker.exists() and not (tmp_path / "hf").exists()

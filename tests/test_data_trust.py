@@ -153,3 +153,16 @@ def test_embedded_data_opens_fast(data_dir):
     assert time.perf_counter() - t < 0.5
     meta = json.loads((d.dir / "meta.json").read_text())
     assert set(meta["sha256"]) == {"train", "val"} and meta["tokens"]["train"] == len(d.train)
+
+
+def test_prepare_command_line_error_is_one_line_exit_2(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 50)
+    proc = subprocess.run([sys.executable, "-m", "common.data", "--data", str(binary), "--data-dir",
+                           str(tmp_path / "data"), "--vocab-size", "300"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 2
+    last = proc.stderr.rstrip("\n").split("\n")[-1].split("\r")[-1]  # after tqdm's progress line
+    assert last == f"error: {binary} is not a text file (it contains NUL bytes): --data takes UTF-8 .txt/.md files"
+    assert "Traceback" not in proc.stderr
+    assert shard_dirs(tmp_path / "data") == []
