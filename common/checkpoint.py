@@ -20,7 +20,8 @@ Layout and the order of writing (each step durable — fsync'd — before the ne
                                              5. ``keep``: older intact step folders beyond the newest
                                                 ``keep`` are removed
 
-A crash at any point leaves ``latest`` on the previous intact checkpoint. ``latest()`` verifies the
+A crash at any point leaves ``latest`` on an intact checkpoint (when a step folder is replaced, a
+crash between its two renames makes ``latest()`` fall back to the newest older one). ``latest()`` verifies the
 manifest (sizes, and checksums up to ``VERIFY_CHECKSUMS_UP_TO`` bytes) and falls back to the newest
 intact step folder with a warning. ``load()`` refuses a checkpoint that does not fit the model. A
 full disk is a one-line ``UserError`` and no partial folder is left behind.

@@ -51,10 +51,14 @@ def source_files(source: str) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
 
 
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
 def file_hash(path: Path, cache: dict) -> str:
     """sha256 of a file's bytes, remembered by (path, size, mtime, inode) so big corpora are read once."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    key = _stat_key(path)
     if key not in cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -74,12 +78,16 @@ def fingerprint(source: str, tokenizer: str, vocab_size: int, data_dir: Path) ->
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    known = len(cache)
+    cache = cache if isinstance(cache, dict) else {}
+    before = dict(cache)
     h = hashlib.sha256(f"{FORMAT}|{tokenizer}|{vocab_size}|{source if not files else ''}".encode())
     base = Path(os.path.commonpath([f.parent for f in files])) if files else None
     for f in files:
         h.update(f"{f.relative_to(base)}|{f.stat().st_size}|{file_hash(f, cache)}\n".encode())
-    if len(cache) != known:  # atomic: concurrent ranks may write it too (the last one wins, nothing is lost but time)
+    current = {_stat_key(f) for f in files}
+    paths = {k.rsplit("|", 3)[0] for k in current}
+    cache = {k: v for k, v in cache.items() if k in current or k.rsplit("|", 3)[0] not in paths}  # drop old versions
+    if cache != before:  # atomic: concurrent ranks may write it too (the last one wins, nothing is lost but time)
         tmp = cache_file.with_name(f"{cache_file.name}.{socket.gethostname()}-{os.getpid()}")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_file)

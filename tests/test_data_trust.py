@@ -44,6 +44,8 @@ def test_a_changed_source_rebuilds(tmp_path):
     assert b.dir != a.dir and b.tokenizer.decode(b.train[:3].tolist()).startswith("word")
     assert len(shard_dirs(tmp_path / "data")) == 2
     assert np.array_equal(np.array(a.train), first)  # the older build is untouched (another run may use it)
+    hashes = json.loads((tmp_path / "data" / ".source-hashes.json").read_text())
+    assert len(hashes) == 1 and next(iter(hashes)).startswith(f"{src.resolve()}|")  # the old version is forgotten
     c = prepare(str(src), tmp_path / "data", "bpe", 400, progress=False)  # tokenizer settings are in the key
     assert c.dir not in (a.dir, b.dir)
 
