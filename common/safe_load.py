@@ -52,8 +52,9 @@ DEEPSPEED_GLOBALS = (
 )
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves exactly the names in ``METADATA_GLOBALS`` (no dotted names, no prefixes)."""
+class _MetadataUnpickler(pickle._Unpickler):  # the Python implementation: its BUILD can be checked too
+    """Resolves exactly the names in ``METADATA_GLOBALS`` (no dotted names, no prefixes), and sets state
+    (BUILD) only on instances of those classes, never on a class itself (that would patch it in-process)."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in METADATA_GLOBALS:
@@ -62,6 +63,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it refers to a persistent object, which checkpoint metadata never needs")
+
+    def load_build(self):
+        inst = self.stack[-2]  # the stack ends with (instance, state)
+        if (type(inst).__module__, type(inst).__qualname__) not in METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"it sets the state of a {type(inst).__name__}, which metadata never does")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
 def _one_line(e: BaseException) -> str:

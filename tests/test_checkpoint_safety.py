@@ -152,6 +152,13 @@ def test_metadata_allowlist_is_exact():
     assert all("." not in name for _, name in names)  # no dotted names
     with pytest.raises(pickle.UnpicklingError):
         safe_load._MetadataUnpickler(io.BytesIO(pickle.dumps(torch.storage._load_from_bytes))).load()
+    # BUILD on an allowlisted class itself would patch it in this process (here: Metadata.injected = 1)
+    patch_class = b"\x80\x02ctorch.distributed.checkpoint.metadata\nMetadata\nN}X\x08\x00\x00\x00injectedK\x01s\x86b."
+    with pytest.raises(pickle.UnpicklingError, match="sets the state of a type"):
+        safe_load._MetadataUnpickler(io.BytesIO(patch_class)).load()
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    assert not hasattr(Metadata, "injected")
 
 
 def test_check_pickles_refuses_a_crafted_pt_and_accepts_deepspeed_classes(tmp_path):
