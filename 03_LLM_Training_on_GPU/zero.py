@@ -87,8 +87,8 @@ def deepspeed_config(path: str, run) -> dict:
 class DeepSpeedCheckpointer:
     """DeepSpeed's own checkpoints (partitioned, exact resume) in the layout of common.checkpoint."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, info, keep: int = 0):
+        self.engine, self.info, self.keep = engine, info, keep
 
     def latest(self, out_dir: Path) -> Path | None:
         return checkpoint.latest(out_dir)  # DeepSpeed writes the same <out>/checkpoints/latest pointer
@@ -96,7 +96,7 @@ class DeepSpeedCheckpointer:
     def save(self, out_dir: Path, step: int, state: dict) -> Path:
         root, tag = Path(out_dir) / "checkpoints", f"step_{step:06d}"
         self.engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": {"step": step, **state}})
-        return root / tag
+        return checkpoint.seal(root / tag, step, self.info, keep=self.keep)  # manifest; `latest` moves after it
 
     def load(self, path: Path) -> dict:
         checkpoint.check_pickles(path)  # DeepSpeed itself unpickles with weights_only=False
@@ -164,7 +164,7 @@ def main(cfg: Config) -> dict:
         engine, engine.optimizer, flops, n_params, scaler=torch.amp.GradScaler(run.info.device.type, enabled=False),
         autocast=nullcontext,  # the engine keeps bf16/fp16 weights itself
         grad_sync=micro_step, backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), update=update,
-        zero_grad=lambda: None, memory=lambda: zero_memory(engine), checkpointer=DeepSpeedCheckpointer(engine)))
+        zero_grad=lambda: None, memory=lambda: zero_memory(engine), checkpointer=DeepSpeedCheckpointer(engine, run.info, cfg.keep_checkpoints)))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,10 @@ class TrainConfig:
     vocab_size: int = doc("vocabulary size of a trained BPE", 4096)
     out_dir: str = doc("run folder: log.jsonl, summary.json, checkpoints/ (default runs/<strategy>-<preset>)", "")
     resume: bool = doc("continue from the latest checkpoint in out_dir if there is one", False)
+    overwrite: bool = doc("start afresh in an out_dir that holds an earlier run (deletes its log and checkpoints)",
+                          False)
+    allow_batch_change: bool = doc("--resume: accept a global batch or sequence length other than the checkpoint's",
+                                   False)
     log_interval: int = doc("log every N steps", 10)
     eval_interval: int = doc("validation loss every N steps (0 = only at the end)", 100)
     eval_batches: int = doc("validation batches per evaluation", 8)

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from common import checkpoint, distributed
+from common import checkpoint, distributed, runlock
 from common.config import TrainConfig, UserError, load_config, to_toml
 from common.data import Sampler, TokenData, prepare
 from common.distributed import DistInfo, log
-from common.metrics import MetricsSink, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops
+from common.metrics import MetricsSink, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops, restart_count
 from common.model import GPT
 from common.parallelize import check_flags, clip_grad_norm_
 from common.precision import Precision, choose_precision, describe
@@ -49,6 +49,7 @@ class Run:
     dp_rank: int = 0  # this rank's index among data-parallel replicas
     dp_size: int = 1  # number of data-parallel replicas (each gets batch_size / dp_size)
     facts: dict = field(default_factory=dict)  # strategy facts for the summary
+    lock: runlock.RunLock | None = None  # held by rank 0 while the run writes out_dir
 
     @property
     def per_rank_batch(self) -> int:
@@ -75,11 +76,24 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
     if cfg.batch_size % dp:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dp} data-parallel ranks; "
                         f"use a multiple of {dp}")
+    out_dir = Path(cfg.out_dir or f"runs/{strategy}-{cfg.preset}")
+    runlock.check_fresh(out_dir, cfg.resume, cfg.overwrite, restart_count() > 0)
     info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
     precision = choose_precision(cfg.precision, info.device)
-    out_dir = Path(cfg.out_dir or f"runs/{strategy}-{cfg.preset}")
+    lock = runlock.RunLock(out_dir)
+    problem = None
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            problem = lock.acquire()
+        except OSError as e:
+            problem = f"cannot write the run folder {out_dir}: {e.strerror or e}; choose a writable --out-dir"
+    problem = _from_rank0(problem, info)  # every rank stops alike: nothing hangs
+    if problem:
+        raise UserError(problem)
+    if info.is_main:
+        if cfg.overwrite:
+            runlock.clear(out_dir)
         (out_dir / "config.toml").write_text(to_toml(cfg))
     data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=info.is_main) if token_data else None
     distributed.barrier(info)
@@ -89,7 +103,15 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
         log.info(f"data: {data.dir} ({len(data.train):,} train tokens, vocab {data.vocab_size})")
     # data-parallel index for meshes with dp as the outer dimension (rank = dp_rank * inner + inner_rank)
     dp_rank = info.rank // (info.world_size // dp)
-    return Run(cfg, info, precision, data, strategy, out_dir, dp_rank=dp_rank, dp_size=dp)
+    return Run(cfg, info, precision, data, strategy, out_dir, dp_rank=dp_rank, dp_size=dp, lock=lock)
+
+
+def _from_rank0(value, info: DistInfo):
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -281,20 +303,35 @@ class History:
     step: int = 0
     before: dict | None = None  # the evaluation before the first step (Task.evaluate_first)
 
-    def state(self, s: Strategy) -> dict:
+    def state(self, run: Run, s: Strategy) -> dict:
         return {"losses": self.losses, "evals": self.evals, "before": self.before,
-                "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None}
+                "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
+                "batch_size": run.cfg.batch_size, "seq_len": getattr(run.cfg, "seq_len", None)}
 
 
 def resume(run: Run, s: Strategy) -> History:
+    """The latest intact checkpoint's state, with --resume -- or after torchrun/Slurm restarted the run,
+    whatever the flags (a restart must not start over)."""
     cfg = run.cfg
-    if not cfg.resume:
+    if restart_count() and not cfg.resume:
+        log.info(f"restart {restart_count()}: resuming from the latest checkpoint (as with --resume)")
+    elif not cfg.resume:
         return History()
     path = s.checkpointer.latest(run.out_dir)
     if path is None:
         log.info(f"--resume: no checkpoint in {run.out_dir}/checkpoints yet, starting from step 0")
         return History()
     state = s.checkpointer.load(path)
+    step = state["step"]
+    if step > cfg.max_steps:
+        raise UserError(f"{path} is at step {step}, past --max-steps {cfg.max_steps}: resuming would step backwards; "
+                        f"give --max-steps >= {step} or start a new run (--out-dir, or --overwrite)")
+    shape = {"batch_size": cfg.batch_size, "seq_len": getattr(cfg, "seq_len", None)}
+    changed = {k: (state[k], v) for k, v in shape.items() if state.get(k, v) != v}
+    if changed and not cfg.allow_batch_change:
+        raise UserError(f"{path} was trained with " + ", ".join(f"{k}={a}" for k, (a, _) in changed.items())
+                        + ", this run asks for " + ", ".join(f"{k}={b}" for k, (_, b) in changed.items())
+                        + ": pass the checkpoint's values, or --allow-batch-change to continue anyway")
     if state.get("scaler") and s.scaler.is_enabled():
         s.scaler.load_state_dict(state["scaler"])
     log.info(f"resumed from {path} at step {state['step']}")
@@ -331,6 +368,14 @@ def train_step(run: Run, s: Strategy, step: int, batch: Batch) -> tuple[float, f
 def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
     """Train ``cfg.max_steps`` optimizer steps of ``task`` (default: next-token prediction on the token
     shards); returns (and on rank 0 writes) the summary, or {"preempted": True, ...} after a signal."""
+    try:
+        return _train(run, s, task)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run, s: Strategy, task: Task | None) -> dict:
     cfg, info = run.cfg, run.info
     s.bind(run)
     task = task or lm_task(run, s)
@@ -372,13 +417,13 @@ def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
             if bad:
                 stop_if_diverged(run, s, step, loss, norm, bad, say, sink)
             if distributed.any_rank(signals.received is not None, info):
-                path = s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
+                path = s.checkpointer.save(run.out_dir, step + 1, hist.state(run, s))
                 bar.close()
                 sink.close()
                 log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
                 return {"preempted": True, "step": step + 1}
             if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.max_steps:
-                s.checkpointer.save(run.out_dir, step + 1, hist.state(s))
+                s.checkpointer.save(run.out_dir, step + 1, hist.state(run, s))
     bar.close()
     return finish(run, s, task, hist, meter, mem or s.memory(), peak, sink)
 
@@ -424,7 +469,7 @@ def finish(run: Run, s: Strategy, task: Task, hist: History, meter: Throughput, 
     cfg, info = run.cfg, run.info
     after = task.evaluate()
     hist.evals.append([cfg.max_steps, after["val_loss"]])
-    s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(s))
+    s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(run, s))
     mem["peak"] = peak_memory_bytes(info.device)
     per_rank = [mem]
     if info.world_size > 1:
