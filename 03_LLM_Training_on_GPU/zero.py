@@ -164,7 +164,8 @@ def main(cfg: Config) -> dict:
         engine, engine.optimizer, flops, n_params, scaler=torch.amp.GradScaler(run.info.device.type, enabled=False),
         autocast=nullcontext,  # the engine keeps bf16/fp16 weights itself
         grad_sync=micro_step, backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), update=update,
-        zero_grad=lambda: None, memory=lambda: zero_memory(engine), checkpointer=DeepSpeedCheckpointer(engine, run.info, cfg.keep_checkpoints)))
+        zero_grad=lambda: None, memory=lambda: zero_memory(engine),
+        checkpointer=DeepSpeedCheckpointer(engine, run.info, cfg.keep_checkpoints)))
 
 
 if __name__ == "__main__":
