@@ -71,7 +71,7 @@ def run(s: Strategy, device: str, out: Path) -> dict | None:
             print(f"{s.label}: skipped, needs {s.nproc} GPUs, {nproc} visible", file=sys.stderr)
             return None
     common = ["--device", device, "--eval-interval", "0", "--eval-batches", "1", "--sample-tokens", "0",
-              "--no-progress", "--log-interval", "1000", "--out-dir", str(out), *RUNS[device], *s.args]
+              "--no-progress", "--log-interval", "1000", "--out-dir", str(out), "--overwrite", *RUNS[device], *s.args]
     script = str(ROOT / CH / s.script)
     cmd = ([sys.executable, script] if nproc == 1 else
            [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", script]) + common

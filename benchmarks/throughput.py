@@ -30,7 +30,8 @@ GPU_RUNS = {
 
 def run(preset: str, nproc: int, device: str, extra: list[str], out: Path) -> dict:
     common = ["--preset", preset, "--device", device, "--eval-interval", "0", "--eval-batches", "1",
-              "--sample-tokens", "0", "--no-progress", "--log-interval", "1000", "--out-dir", str(out), *extra]
+              "--sample-tokens", "0", "--no-progress", "--log-interval", "1000", "--out-dir", str(out), "--overwrite",
+              *extra]
     if device == "cpu":
         common += ["--threads", "1"]
     script = str(ROOT / "03_LLM_Training_on_GPU" / "ddp.py")

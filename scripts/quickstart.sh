@@ -15,4 +15,4 @@ else
 fi
 echo "== torchrun: $nproc process(es), preset $preset"
 exec .venv/bin/torchrun --standalone --nproc_per_node="$nproc" 03_LLM_Training_on_GPU/ddp.py \
-  --preset "$preset" --out-dir runs/quickstart "$@"
+  --preset "$preset" --out-dir runs/quickstart --overwrite "$@"  # a rerun starts afresh
