@@ -83,10 +83,12 @@ def load_model(cfg: SFTConfig):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     sft_data.ensure_chat_template(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
-    if cfg.activation_checkpointing == "full":
+    full_ac = cfg.activation_checkpointing == "full"
+    # a KV cache is useless in training and conflicts with recomputation: off when checkpointing
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **({"use_cache": False} if full_ac
+                                                                                     else {}))
+    if full_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     if cfg.lora:
         model = add_lora(model, cfg)
     return tokenizer, model

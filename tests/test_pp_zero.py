@@ -76,22 +76,38 @@ def test_pp_two_processes_match_one_process(runs, schedule):
     assert sum(r["params"] for r in s["memory_per_rank"]) == reference["memory_per_rank"][0]["params"]
 
 
-def test_pp_checkpoint_resume_and_load_into_one_process(runs):
+def test_pp_checkpoint_resume_and_load_into_one_process(runs, data_dir):
+    """The stages' DCP shards load into one whole model (for export / evaluation), which scores the run's own
+    validation batches exactly as the pipeline did (1e-5: the same weights, one process instead of two).
+    Against the 1-process reference run the weights are compared relative to how far training moved them:
+    AdamW turns tiny gradient differences on rarely-seen embedding rows into lr-sized steps (one CI machine
+    saw 1.35e-5 absolute there), so an absolute bound on weights would test the CPU, not the loading."""
     d, reference = runs
     straight = json.loads((d / CKPT_SCHEDULE / "summary.json").read_text())
     resumed = json.loads((d / CKPT_SCHEDULE / "resumed.json").read_text())
     assert max_diff(resumed["losses"], straight["losses"]) <= 1e-6
-    # the stages' DCP shards load into one whole model (for export / evaluation); so does the reference's
     from common import checkpoint
+    from common.data import Sampler, prepare
     from common.distributed import DistInfo
     from common.model import GPT
+    from common.trainer import loss_fn
 
-    cfg = make_config(**COMMON).model_config(vocab_size=4096)
-    merged, single = GPT(cfg), GPT(cfg)
+    cfg = make_config(**COMMON)
+    mcfg = cfg.model_config(vocab_size=4096)
+    merged, single = GPT(mcfg), GPT(mcfg)
+    torch.manual_seed(cfg.seed)
+    initial = GPT(mcfg)  # the weights both runs started from (seeded like build_model)
     checkpoint.load(d / CKPT_SCHEDULE / "checkpoints" / "step_000010", merged, None, DistInfo())
     checkpoint.load(d / "reference" / "checkpoints" / "step_000010", single, None, DistInfo())
+    data = prepare("shakespeare", data_dir, "bpe", 4096, progress=False)
+    sampler = Sampler(data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
+    with torch.no_grad():
+        val = sum(loss_fn(merged.eval()(x), y).item() for x, y in (sampler.batch(i) for i in range(2))) / 2
+    assert abs(val - straight["val_loss"]) <= 1e-5
+    start = initial.state_dict()
     for (name, a), (_, b) in zip(merged.state_dict().items(), single.state_dict().items()):
-        assert (a - b).abs().max() <= 1e-5, name
+        moved = (b - start[name]).abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-5 + 0.01 * moved, name  # <= 1% of the distance trained
 
 
 @needs_deepspeed
