@@ -20,13 +20,48 @@ from torch import nn
 
 from common.errors import UserError
 
-# Dense peak TFLOP/s per GPU by precision (SXM parts; fp32 without TF32).
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "V100": {"fp16": 125.0, "fp32": 15.7},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-}
+# Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets; fp32 without TF32. Matched on
+# the device name, most specific first: the PCIe / NVL cards are clocked lower than the SXM ones.
+PEAK_TFLOPS: list[tuple[tuple[str, ...], dict[str, float]]] = [
+    (("H200", "NVL"), {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (("H200",), {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
+    (("H100", "NVL"), {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    (("H100", "PCIe"), {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    (("H100",), {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM
+    (("A100",), {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),  # SXM and PCIe alike
+    (("V100S",), {"fp16": 130.0, "fp32": 16.4}),
+    (("V100", "PCIE"), {"fp16": 112.0, "fp32": 14.0}),
+    (("V100",), {"fp16": 125.0, "fp32": 15.7}),  # SXM2
+]
+
+
+def datasheet_peak(name: str, precision: str) -> tuple[float | None, str]:
+    """(peak TFLOP/s, which row) for a CUDA device name such as 'NVIDIA H100 PCIe' (case-insensitive)."""
+    upper = name.upper()
+    for words, table in PEAK_TFLOPS:
+        if all(w.upper() in upper for w in words):
+            row = " ".join(words)
+            value = table.get(precision)
+            return value, f"{row} data sheet" if value else f"{row}: no {precision} peak"
+    return None, f"{name} not in the peak table (use --peak-tflops)"
+
+
+def measure_gpu_tflops(device: torch.device, precision: str, size: int = 8192, trials: int = 5) -> float:
+    """Best dense matmul TFLOP/s on this GPU in ``precision`` (timed with CUDA events after a warm-up)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(4):
+            a @ b
+        end.record()
+        end.synchronize()
+        best = max(best, 4 * 2 * size**3 / (start.elapsed_time(end) / 1e3) / 1e12)
+    return best
 
 _measured: dict[tuple[str, int], float] = {}
 
@@ -55,12 +90,7 @@ def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> 
     if override:
         return override, "given"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in PEAK_TFLOPS.items():
-            if key in name:
-                value = table.get(precision)
-                return value, f"{key} data sheet" if value else f"{key}: no {precision} peak"
-        return None, f"{name} not in the peak table (use --peak-tflops)"
+        return datasheet_peak(torch.cuda.get_device_name(device), precision)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return measure_cpu_tflops(dtype), f"measured {precision} matmul, {torch.get_num_threads()} thread(s)"
 
