@@ -59,10 +59,11 @@ class TrainConfig:
     device: str = doc("auto, cpu or cuda (default: $LLM_DEVICE or auto)", "auto")
     precision: str = doc("auto, fp32, bf16 or fp16 (auto: bf16 on A100/H100, fp16 on V100, fp32 on CPU)", "auto")
     data: str = doc("'shakespeare' (embedded), a text file or folder, or hf:DATASET", "shakespeare")
-    data_dir: str = doc("where tokenizers and token shards are cached", "data")
+    data_dir: str = doc("where tokenizers and token shards are cached (default: $LLM_DATA or data)", "data")
     tokenizer: str = doc("'bpe' (train a byte-level BPE) or a Hugging Face tokenizer name/path", "bpe")
     vocab_size: int = doc("vocabulary size of a trained BPE", 4096)
-    out_dir: str = doc("run folder: log.jsonl, summary.json, checkpoints/ (default runs/<strategy>-<preset>)", "")
+    out_dir: str = doc("run folder: log.jsonl, summary.json, checkpoints/ (default $LLM_RUNS or runs, then "
+                       "/<strategy>-<preset>)", "")
     resume: bool = doc("continue from the latest checkpoint in out_dir if there is one", False)
     overwrite: bool = doc("start afresh in an out_dir that holds an earlier run (deletes its log and checkpoints)",
                           False)
@@ -72,11 +73,13 @@ class TrainConfig:
     eval_interval: int = doc("validation loss every N steps (0 = only at the end)", 100)
     eval_batches: int = doc("validation batches per evaluation", 8)
     ckpt_interval: int = doc("checkpoint every N steps (0 = only at the end)", 0)
+    final_checkpoint: bool = doc("write a checkpoint at the end (--no-final-checkpoint for benchmarks)", True)
     keep_checkpoints: int = doc("keep the newest K checkpoints, delete older ones (0 = keep all)", 3)
     sample_tokens: int = doc("tokens of text to generate at the end (0 = none)", 100)
     threads: int = doc("CPU threads per process (0 = cores / processes on this node)", 0)
     peak_tflops: float = doc("peak TFLOP/s per device for MFU (0 = from the device table or measured)", 0.0)
     timeout_s: int = doc("collective timeout in seconds: a hang becomes an error", 600)
+    tf32: bool = doc("CUDA, Ampere or newer: fp32 matmuls on TF32 tensor cores (--no-tf32: exact fp32)", True)
     progress: bool = doc("tqdm progress bar on rank 0", True)
     tensorboard: bool = doc("also write TensorBoard event files to <out_dir>/tb (needs the tensorboard package)",
                             False)
@@ -188,8 +191,9 @@ def load_config(argv: list[str] | None = None, description: str = "", cls=TrainC
     values: dict = dict(defaults)
     config_file = args.pop("config", None)
     file_values = read_toml(config_file) if config_file else {}
-    if "device" not in args and "device" not in file_values and os.environ.get("LLM_DEVICE"):
-        values["device"] = os.environ["LLM_DEVICE"]
+    for name, var in (("device", "LLM_DEVICE"), ("data_dir", "LLM_DATA")):  # the site profile's choices
+        if name not in args and name not in file_values and os.environ.get(var) and name in known_fields(cls):
+            values[name] = os.environ[var]
     values.update(file_values)
     values.update(args)
     cfg = make_config(cls, **values)
@@ -197,6 +201,10 @@ def load_config(argv: list[str] | None = None, description: str = "", cls=TrainC
         print(to_toml(cfg), end="")
         sys.exit(0)
     return cfg
+
+
+def known_fields(cls) -> set[str]:
+    return {f.name for f in fields(cls)} - set(cls.NOT_USED)
 
 
 def make_config(cls=TrainConfig, /, **values) -> TrainConfig:

@@ -2,6 +2,7 @@
 
     python -m common.plot runs/ddp-tiny                         # -> runs/ddp-tiny/curves.png
     python -m common.plot runs/sweep-*/ -o sweep.png            # several runs side by side, one figure
+Runs are labelled by the config values that differ between them (a sweep's seed and lr), else by folder.
 
 Each run is one line (training loss per step) plus its validation points; a run that was restarted
 (torchrun --max-restarts, Slurm requeue) shows the steps it repeated with a marker per restart.
@@ -28,6 +29,22 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def labels(run_dirs: list[str | Path]) -> list[str]:
+    """Each run named by the config values that differ between the runs (a sweep: "seed=2 lr=0.001"),
+    else by its folder name."""
+    import tomllib
+
+    configs = []
+    for run in run_dirs:
+        path = Path(run) / "config.toml"
+        configs.append(tomllib.loads(path.read_text()) if path.is_file() else {})
+    keys = sorted({k for c in configs for k in c if k not in ("out_dir", "resume", "overwrite")
+                   and len({repr(c2.get(k)) for c2 in configs}) > 1})
+    if len(run_dirs) < 2 or not keys:
+        return [Path(run).resolve().name for run in run_dirs]
+    return [" ".join(f"{k}={c.get(k)}" for k in keys) for c in configs]
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> Path:
     import matplotlib
 
@@ -35,9 +52,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
     import matplotlib.pyplot as plt
 
     fig, (ax, axv) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in run_dirs:
+    for run, label in zip(run_dirs, labels(run_dirs)):
         recs = read_log(run)
-        label = Path(run).resolve().name
         line, = ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=1, label=label)
         val = [r for r in recs if r.get("val_loss") is not None]
         axv.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color=line.get_color(), label=label)

@@ -11,6 +11,7 @@ the summary. A step, in order: ``forward_backward`` -> ``clip`` -> ``optimizer_s
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -28,7 +29,16 @@ from common import checkpoint, distributed, runlock
 from common.config import TrainConfig, UserError, load_config, to_toml
 from common.data import Sampler, TokenData, prepare
 from common.distributed import DistInfo, log
-from common.metrics import MetricsSink, Throughput, memory_breakdown, mfu, peak_memory_bytes, peak_tflops, restart_count
+from common.metrics import (
+    MetricsSink,
+    Throughput,
+    measure_gpu_tflops,
+    memory_breakdown,
+    mfu,
+    peak_memory_bytes,
+    peak_tflops,
+    restart_count,
+)
 from common.model import GPT
 from common.parallelize import check_flags, clip_grad_norm_
 from common.precision import Precision, choose_precision, describe
@@ -76,10 +86,12 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
     if cfg.batch_size % dp:
         raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dp} data-parallel ranks; "
                         f"use a multiple of {dp}")
-    out_dir = Path(cfg.out_dir or f"runs/{strategy}-{cfg.preset}")
+    out_dir = Path(cfg.out_dir or f"{os.environ.get('LLM_RUNS', 'runs')}/{strategy}-{cfg.preset}")
     runlock.check_fresh(out_dir, cfg.resume, cfg.overwrite, restart_count() > 0)
     info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
     precision = choose_precision(cfg.precision, info.device)
+    if info.device.type == "cuda":  # TF32 for fp32 matmuls (Ampere+; no effect on a V100) unless --no-tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     lock = runlock.RunLock(out_dir)
     problem = None
     if info.is_main:
@@ -132,7 +144,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    on_gpu = any(p.is_cuda for g in groups for p in g["params"])  # one fused kernel for all tensors on CUDA
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                             **({"fused": True} if on_gpu else {"foreach": True}))
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -254,8 +268,11 @@ def lm_task(run: Run, s: Strategy) -> Task:
     train_sampler = Sampler(run.data.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     val_sampler = Sampler(run.data.val, cfg.seq_len, cfg.batch_size, cfg.seed + 1)
 
-    def batch(step: int) -> Batch:
-        x, y = (t.to(info.device) for t in train_sampler.batch(step, run.dp_rank, run.dp_size))
+    cuda = info.device.type == "cuda"
+
+    def batch(step: int) -> Batch:  # CUDA: pinned host memory, copied without blocking the host
+        x, y = (t.pin_memory().to(info.device, non_blocking=True) if cuda else t
+                for t in train_sampler.batch(step, run.dp_rank, run.dp_size))
         return Batch((x, y), cfg.batch_size * cfg.seq_len, cfg.seq_len)
 
     def evaluate() -> dict:
@@ -386,6 +403,9 @@ def _train(run: Run, s: Strategy, task: Task | None) -> dict:
                                                   if isinstance(v, float)))
     sink = MetricsSink(run.out_dir, cfg, info.is_main)
     peak, peak_src = peak_tflops(info.device, run.precision.name, cfg.peak_tflops)
+    if info.device.type == "cuda":  # the data sheet's promise and what this GPU really does
+        run.facts["measured_peak_tflops"] = measure_gpu_tflops(info.device, run.precision.name)
+        peak_src += f"; measured {run.facts['measured_peak_tflops']:.1f}"
     log.info(f"global batch {cfg.batch_size} = {run.dp_size} data-parallel rank(s) x {run.accum_steps} "
              f"micro-batch(es) of {run.micro_batch} | peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src})")
     meter, bad, mem, start = Throughput(), 0, None, hist.step
@@ -469,7 +489,8 @@ def finish(run: Run, s: Strategy, task: Task, hist: History, meter: Throughput, 
     cfg, info = run.cfg, run.info
     after = task.evaluate()
     hist.evals.append([cfg.max_steps, after["val_loss"]])
-    s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(run, s))
+    if cfg.final_checkpoint:
+        s.checkpointer.save(run.out_dir, cfg.max_steps, hist.state(run, s))
     mem["peak"] = peak_memory_bytes(info.device)
     per_rank = [mem]
     if info.world_size > 1:

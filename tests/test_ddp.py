@@ -204,6 +204,10 @@ def test_tensorboard_plot_and_wandb_sinks(tmp_path, data_dir):
     run_single(tmp_path, "other", data_dir, max_steps=3)
     png = plot_main([str(tmp_path / "tb"), str(tmp_path / "other"), "-o", str(tmp_path / "c.png")])
     assert png.read_bytes()[:4] == b"\x89PNG"
+    from common.plot import labels
+
+    assert labels([tmp_path / "tb", tmp_path / "other"]) == ["eval_interval=2 max_steps=4 tensorboard=True",
+                                                            "eval_interval=10 max_steps=3 tensorboard=False"]
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(UserError, match="--wandb needs the wandb package"):
             run_single(tmp_path, "wb", data_dir, max_steps=2, wandb=True)
@@ -229,3 +233,8 @@ def test_non_finite_loss_is_skipped_then_stops_the_run(tmp_path, data_dir):
         model = GPT(make_config(**COMMON).model_config(vocab_size=4096))
         checkpoint.load(latest, model, None, DistInfo())
         assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_no_final_checkpoint_for_benchmarks(tmp_path, data_dir):
+    s = run_single(tmp_path, "bench", data_dir, max_steps=2, final_checkpoint=False)
+    assert len(s["losses"]) == 2 and not (tmp_path / "bench" / "checkpoints").exists()
