@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -187,30 +188,41 @@ def fetch(url: str, port: str) -> tuple[int, str]:
         return 0, ""
 
 
-def test_jupyter_reachable_by_node_name(cluster):
+def test_jupyter_on_the_nodes_localhost_with_a_private_token(cluster):
+    """Jupyter listens on 127.0.0.1 of its node (the SSH tunnel's end), not on the node's cluster address;
+    the token is in a file only the user can read, not in the log and not on the command line (ps)."""
+    import os
+    import stat
+
     venv = cluster.env["LLM_VENV"]
     if subprocess.run([f"{venv}/bin/python", "-c", "import jupyterlab"]).returncode != 0:
         pytest.skip(f"jupyterlab is not installed in {venv}")
     job_id = cluster.sbatch("01_Basics/jupyter.slurm", "--time=3")
+    url_file = cluster.sandbox / f"jupyter-{job_id}.url"
     try:
         deadline, m = time.monotonic() + 90, None
-        while not m and time.monotonic() < deadline:
+        while not (m and url_file.exists()) and time.monotonic() < deadline:
             log = cluster.log(job_id)
-            m = re.search(r"ssh -N -L (\d+):(\S+):\d+ \S+@\S+\n.*\n\s+(http://localhost:\d+/lab\?token=\w+)", log)
+            m = re.search(r"ssh -N -L (\d+):localhost:\d+ -J \S+@\S+ \S+@(\S+)\n", log)
             time.sleep(0.5)
-        assert m, f"no tunnel instructions\n{cluster.log(job_id)}"
-        port, node, url = m.groups()
+        assert m and url_file.exists(), f"no tunnel instructions\n{cluster.log(job_id)}"
+        port, node = m.groups()
         assert node.startswith("a100-")
-        # from outside the job, by node name, as the SSH tunnel does
-        url = url.replace("localhost", node)
-        status = None
+        url = url_file.read_text().strip()
+        token = url.split("token=")[1]
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600 and token not in cluster.log(job_id)
+        status = None  # the tunnel's end: the node's localhost (all test nodes share this host's loopback)
         while time.monotonic() < deadline:
-            status, body = fetch(url, port)
+            status, body = fetch(url.replace("localhost", "127.0.0.1"), port)
             if status == 200:
                 break
             time.sleep(1)
         assert status == 200 and "JupyterLab" in body, f"{url}: {status}\n{cluster.log(job_id)}"
-        assert fetch(f"http://{node}:{port}/api/contents", port)[0] == 403  # no token, no access
+        assert fetch(f"http://127.0.0.1:{port}/api/contents", port)[0] == 403  # no token, no access
+        assert fetch(f"http://{node}:{port}/lab", port)[0] == 0  # the node's cluster address: nobody listens
+        cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if p.exists()]
+        assert any(b"jupyter" in c for c in cmdlines) and not any(token.encode() in c for c in cmdlines)
+        assert os.environ.get("JUPYTER_TOKEN") != token
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     assert cluster.wait(job_id, timeout=60).state == "CANCELLED"
