@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -321,9 +321,11 @@ class History:
     before: dict | None = None  # the evaluation before the first step (Task.evaluate_first)
 
     def state(self, run: Run, s: Strategy) -> dict:
+        model_config = run.cfg.model_config(padded_vocab(run.data.vocab_size)) if run.data is not None else None
         return {"losses": self.losses, "evals": self.evals, "before": self.before,
                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None,
-                "batch_size": run.cfg.batch_size, "seq_len": getattr(run.cfg, "seq_len", None)}
+                "batch_size": run.cfg.batch_size, "seq_len": getattr(run.cfg, "seq_len", None),
+                "model_config": asdict(model_config) if model_config else None}  # in the manifest too
 
 
 def resume(run: Run, s: Strategy) -> History:

@@ -83,3 +83,36 @@ def test_killed_rank_under_max_restarts_resumes_and_ends_like_an_uninterrupted_r
     log = [json.loads(x) for x in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["restart"] == 0] == list(range(1, 8))
     assert [r["step"] for r in log if r["restart"] == 1] == list(range(7, 11))
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import torch.distributed.checkpoint as dcp
+from testutil import load_script
+from common.config import make_config
+original = dcp.save
+def save(state, checkpoint_id, **kw):
+    original(state, checkpoint_id=checkpoint_id, **kw)
+    if "step_000004" in str(checkpoint_id):  # the shards are written, the manifest and `latest` are not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+dcp.save = save
+load_script("03_LLM_Training_on_GPU/ddp.py").main(make_config(**{cfg!r}))
+"""
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, data_dir):
+    import signal
+    import sys
+
+    from common import checkpoint
+
+    straight = run(tmp_path, data_dir, name="straight", max_steps=6)
+    cfg = {**COMMON, "max_steps": 6, "ckpt_interval": 2, "data_dir": str(data_dir), "out_dir": str(tmp_path / "k")}
+    code = KILL_DURING_SAVE.format(root=str(ROOT), tests=str(ROOT / "tests"), cfg=cfg)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert checkpoint.latest(tmp_path / "k").name == "step_000002"  # the half-written step 4 is not trusted
+    assert not (tmp_path / "k" / "checkpoints" / "step_000004").exists()
+    resumed = run(tmp_path, data_dir, name="k", max_steps=6, resume=True)  # a stale lock of a dead process
+    assert max(abs(a - b) for a, b in zip(straight["losses"], resumed["losses"])) <= 1e-6
