@@ -119,6 +119,15 @@ def test_fsdp_memory_per_rank_is_a_quarter(runs):
         assert bytes_held(m) <= ddp / 3
 
 
+def test_memory_planner_equals_the_fsdp_ranks(runs):
+    """common.memory's weights/gradients/AdamW bytes for FSDP on 4 ranks == the largest rank's measured ones."""
+    from common.memory import plan
+
+    p = plan("tiny", "fsdp", 4, micro_batch=2, seq_len=64, precision="fp32", vocab_size=4096)
+    largest = max(runs["fsdp4"]["memory_per_rank"], key=lambda m: m["params"])
+    assert (p.params, p.grads, p.optim) == (largest["params"], largest["grads"], largest["optim"])
+
+
 def test_sharded_checkpoint_loads_into_one_process(runs, data_dir):
     data = prepare("shakespeare", data_dir, "bpe", 4096, progress=False)
     cfg = make_config(**COMMON)
