@@ -6,6 +6,10 @@ figures visible on GitHub). One command regenerates them from a run of exactly t
     NB_WRITE_EXECUTED=docs/executed .venv/bin/python -m pytest tests/test_notebooks.py -k 02_Notebook
 
 ``test_executed_copies_are_fresh`` fails when a notebook's cells differ from its executed copy's.
+
+Exercises: a code cell tagged ``exercise`` holds the stub, the next one tagged ``exercise-check`` (and
+``raises-exception``, so the headless run goes on) its check; the solution lives in
+``<chapter>/solutions/<notebook>.py``. ``test_exercise_check_fails_unsolved_and_passes_solved`` proves both.
 """
 
 import datetime
@@ -28,10 +32,7 @@ NOTEBOOKS = sorted(
 )
 EXECUTED = REPO / "docs" / "executed"
 REGENERATE = "NB_WRITE_EXECUTED=docs/executed .venv/bin/python -m pytest tests/test_notebooks.py"
-# the concept notebooks; notebook 00's copy is not generated yet: its 800-step GPT run (100 s on a quiet 2-core
-# machine) hit the notebook's 280 s limit every time the shared machine was loaded when the copies were made
-NOT_YET = {"02_Notebook_Parallelism/00_from_text_to_tokens.ipynb"}
-READ_ALONG = [n for n in NOTEBOOKS if n.startswith("02_Notebook_Parallelism/") and n not in NOT_YET]
+READ_ALONG = [n for n in NOTEBOOKS if n.startswith("02_Notebook_Parallelism/")]  # the concept notebooks
 
 
 def test_notebooks_are_found():
@@ -77,6 +78,9 @@ def test_notebook_runs(notebook, tmp_path, monkeypatch):
     )
     t0 = time.perf_counter()
     client.execute()  # raises CellExecutionError with the failing cell and its traceback
+    for cell in nb.cells:  # an unsolved exercise's check must fail (and only there may a cell fail)
+        if "exercise-check" in cell.metadata.get("tags", []):
+            assert any(o.get("output_type") == "error" for o in cell.outputs), f"{notebook}: exercise check passed"
     if os.environ.get("NB_WRITE_EXECUTED") and notebook in READ_ALONG:
         write_executed(nb, notebook, os.environ["NB_WRITE_EXECUTED"], time.perf_counter() - t0)
     # every figure the notebook saves for the READMEs (savefig(fig, "name")) was written, as a PNG
@@ -99,3 +103,30 @@ def test_executed_copies_are_fresh(notebook):
         f"docs/executed/{notebook} is stale (the notebook changed since it ran): {regenerate}")  # fmt: skip
     assert any(c.get("outputs") for c in executed.cells), f"docs/executed/{notebook} has no outputs"
     assert "commit" in executed.metadata.get("executed", {}), "executed copies record date, commit and machine"
+
+
+EXERCISES = [n for n in NOTEBOOKS if '"exercise-check"' in (REPO / n).read_text()]
+
+
+def test_there_are_exercises():
+    assert "02_Notebook_Parallelism/00b_collectives.ipynb" in EXERCISES
+
+
+@pytest.mark.parametrize("notebook", EXERCISES)
+def test_exercise_check_fails_unsolved_and_passes_solved(notebook):
+    """The check cell raises with the stub the notebook ships, and passes with the solution file's code."""
+    nbformat = pytest.importorskip("nbformat", reason="nbformat not installed (test dependency)")
+    nb = nbformat.read(REPO / notebook, as_version=4)
+    tagged = lambda tag: [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    stubs, checks = tagged("exercise"), tagged("exercise-check")
+    assert len(stubs) == len(checks) >= 1 and all("raises-exception" in c.metadata["tags"] for c in checks)
+    solution = (REPO / notebook).parent / "solutions" / f"{Path(notebook).stem}.py"
+    assert solution.exists(), f"{notebook}: no solution file {solution.relative_to(REPO)}"
+    for stub, check in zip(stubs, checks):
+        unsolved: dict = {"__name__": "exercise"}
+        exec("import torch\n" + stub.source, unsolved)  # the exercises are self-contained (simulated ranks)
+        with pytest.raises((AssertionError, NotImplementedError)):  # what an unsolved check raises
+            exec(check.source, unsolved)
+        solved: dict = {"__name__": "exercise"}
+        exec(solution.read_text(), solved)
+        exec(check.source, solved)
