@@ -1,249 +1,50 @@
-"""The training loop every chapter script shares; the strategy-specific part arrives as a ``Strategy``.
+"""The training loop every script shares; the strategy-specific part arrives as a ``Strategy``.
 
-A script sets up (``setup``), builds and parallelizes its model (``common.parallelize``), and hands
-``train`` a ``Strategy``: the model, its optimizer and loss scaler, how one step runs on it (by
-default ``accumulate``: micro-batches with gradient sync on the last one), evaluation, clipping,
-checkpoints, FLOPs and parameter counts. Everything else lives here once: the learning-rate schedule,
-loss scaling, the non-finite guard, logging, validation, checkpoints, the Slurm time-limit signal and
-the summary. A step, in order: ``forward_backward`` -> ``clip`` -> ``optimizer_step`` -> ``zero_grad``.
+A script sets up (``common.run.setup``), builds and parallelizes its model (``common.parallelize``),
+and hands ``train`` a ``Strategy`` (``common.strategy``): the model, its optimizer and loss scaler, how
+one step runs on it, evaluation, clipping, checkpoints, FLOPs and parameter counts -- and, optionally,
+a ``Task`` (default: next-token prediction on the token shards). Everything else lives here once: the
+learning-rate schedule, the non-finite guard, logging, validation, checkpoints, the Slurm time-limit
+signal and the summary. A step: ``forward_backward`` -> ``update`` (unscale, clip, step) -> ``zero_grad``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
-from torch.distributed.tensor import DTensor
 
-from common import checkpoint, distributed, runlock
-from common.config import TrainConfig, UserError, load_config, to_toml
-from common.data import Sampler, TokenData, prepare
-from common.distributed import DistInfo, log
+from common import distributed
+from common.config import UserError
+from common.data import Sampler
+from common.distributed import log
 from common.metrics import (
     MetricsSink,
     Throughput,
     measure_gpu_tflops,
-    memory_breakdown,
     mfu,
     peak_memory_bytes,
     peak_tflops,
     restart_count,
 )
-from common.model import GPT
-from common.parallelize import check_flags, clip_grad_norm_
-from common.precision import Precision, choose_precision, describe
+from common.run import (  # noqa: F401  (the chapter scripts import these from here)
+    Run,
+    build_model,
+    build_optimizer,
+    lr_at,
+    padded_vocab,
+    run_main,
+    sample_text,
+    setup,
+)
+from common.strategy import Strategy, accumulate, clip_and_step, full, loss_fn  # noqa: F401
 
 MAX_BAD_STEPS = 3  # consecutive non-finite steps (each skipped) before the run stops
-
-
-@dataclass
-class Run:
-    """What a script sets up before training."""
-
-    cfg: TrainConfig
-    info: DistInfo
-    precision: Precision
-    data: TokenData | None  # the token shards of a pretraining run (None: the script brings its own data)
-    strategy: str
-    out_dir: Path
-    dp_rank: int = 0  # this rank's index among data-parallel replicas
-    dp_size: int = 1  # number of data-parallel replicas (each gets batch_size / dp_size)
-    facts: dict = field(default_factory=dict)  # strategy facts for the summary
-    lock: runlock.RunLock | None = None  # held by rank 0 while the run writes out_dir
-
-    @property
-    def per_rank_batch(self) -> int:
-        return self.cfg.batch_size // self.dp_size
-
-    @property
-    def micro_batch(self) -> int:
-        """Largest divisor of the per-rank batch not above --micro-batch-size."""
-        return max(d for d in range(1, self.per_rank_batch + 1)
-                   if self.per_rank_batch % d == 0 and d <= self.cfg.micro_batch_size)
-
-    @property
-    def accum_steps(self) -> int:
-        return self.per_rank_batch // self.micro_batch
-
-
-def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambda world: world,
-          token_data: bool = True) -> Run:
-    """Check the flags and layout, then initialise processes, precision and (``token_data``) the token shards.
-    ``dp_size(world)`` = number of data-parallel replicas (it may raise a layout error)."""
-    check_flags(cfg, strategy)  # before any collective can hang
-    _, world, _, _ = distributed.env_ranks()
-    dp = dp_size(world)
-    if cfg.batch_size % dp:
-        raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {dp} data-parallel ranks; "
-                        f"use a multiple of {dp}")
-    out_dir = Path(cfg.out_dir or f"{os.environ.get('LLM_RUNS', 'runs')}/{strategy}-{cfg.preset}")
-    runlock.check_fresh(out_dir, cfg.resume, cfg.overwrite, restart_count() > 0)
-    info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
-    precision = choose_precision(cfg.precision, info.device)
-    if info.device.type == "cuda":  # TF32 for fp32 matmuls (Ampere+; no effect on a V100) unless --no-tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    lock = runlock.RunLock(out_dir)
-    problem = None
-    if info.is_main:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            problem = lock.acquire()
-        except OSError as e:
-            problem = f"cannot write the run folder {out_dir}: {e.strerror or e}; choose a writable --out-dir"
-    problem = _from_rank0(problem, info)  # every rank stops alike: nothing hangs
-    if problem:
-        raise UserError(problem)
-    if info.is_main:
-        if cfg.overwrite:
-            runlock.clear(out_dir)
-        (out_dir / "config.toml").write_text(to_toml(cfg))
-    data = prepare(cfg.data, cfg.data_dir, cfg.tokenizer, cfg.vocab_size, progress=info.is_main) if token_data else None
-    distributed.barrier(info)
-    log.info(f"{strategy}: {info.world_size} process(es) on {info.device.type} ({info.backend}), "
-             f"{torch.get_num_threads()} CPU thread(s) each | {describe(precision)}")
-    if data is not None:
-        log.info(f"data: {data.dir} ({len(data.train):,} train tokens, vocab {data.vocab_size})")
-    # data-parallel index for meshes with dp as the outer dimension (rank = dp_rank * inner + inner_rank)
-    dp_rank = info.rank // (info.world_size // dp)
-    return Run(cfg, info, precision, data, strategy, out_dir, dp_rank=dp_rank, dp_size=dp, lock=lock)
-
-
-def _from_rank0(value, info: DistInfo):
-    if info.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def padded_vocab(n: int, multiple: int = 64) -> int:
-    return multiple * math.ceil(n / multiple)
-
-
-def build_model(run: Run, device: torch.device | str | None = None) -> GPT:
-    """The same initial weights on every rank and for any world size (seeded before construction)."""
-    torch.manual_seed(run.cfg.seed)
-    with torch.device(device or run.info.device):
-        return GPT(run.cfg.model_config(vocab_size=padded_vocab(run.data.vocab_size)))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not norms). No empty group (LoRA trains matrices only):
-    a sharded checkpoint cannot name an empty group, so loading it would fail."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    on_gpu = any(p.is_cuda for g in groups for p in g["params"])  # one fused kernel for all tensors on CUDA
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                             **({"fused": True} if on_gpu else {"foreach": True}))
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay from lr to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """A plain tensor: the whole value of a (replicated or sharded) DTensor."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-class DCPCheckpointer:
-    """Sharded checkpoints of model + optimizer with torch.distributed.checkpoint (common.checkpoint)."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo, keep: int = 0):
-        self.model, self.optimizer, self.info, self.keep = model, optimizer, info, keep
-
-    def latest(self, out_dir: Path) -> Path | None:
-        return checkpoint.latest(out_dir)
-
-    def save(self, out_dir: Path, step: int, state: dict) -> Path:
-        return checkpoint.save(out_dir, step, self.model, self.optimizer, self.info, state, keep=self.keep)
-
-    def load(self, path: Path) -> dict:
-        return checkpoint.load(path, self.model, self.optimizer, self.info)
-
-
-def _no_context(*args) -> AbstractContextManager:
-    return nullcontext()
-
-
-@dataclass
-class Strategy:
-    """What a chapter script hands ``train``: its parallelized model and how one step runs on it.
-
-    Only ``model``, ``optimizer``, ``flops_per_token`` and ``num_params`` are required; the defaults
-    are plain data-parallel training. ``grad_sync(last)`` is the context each micro-batch runs in
-    (DDP's ``no_sync``, FSDP's ``set_requires_gradient_sync``), so gradients are reduced once per step.
-    """
-
-    model: nn.Module  # tokens -> logits, wrapped or sharded as the strategy needs
-    optimizer: torch.optim.Optimizer
-    flops_per_token: float | Callable[[int], float]  # training FLOPs per token of the whole model (for MFU),
-    # or a function of the sequence length when it varies from batch to batch (fine-tuning)
-    num_params: int  # parameters of the whole model (not this rank's shard or stage)
-    scaler: torch.amp.GradScaler | None = None  # default: the precision's (enabled for fp16 only)
-    autocast: Callable[[], AbstractContextManager] | None = None  # default: the precision's autocast
-    loss_context: Callable[[], AbstractContextManager] = nullcontext  # e.g. tensor parallel's loss_parallel
-    grad_sync: Callable[[bool], AbstractContextManager] = _no_context
-    backward: Callable[[torch.Tensor], None] | None = None  # default: scaler.scale(loss).backward()
-    loss_of: Callable[..., torch.Tensor] | None = None  # one micro-batch's share of the loss; default: LM loss / n
-    forward_backward: Callable[..., torch.Tensor] | None = None  # one rank's batch -> mean loss; default: accumulate
-    eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: loss of model(x)
-    clip: Callable[[float], torch.Tensor] | None = None  # default: clip the global norm of model's gradients
-    update: Callable[[float], tuple[float, bool]] | None = None  # default: clip_and_step; -> (norm, applied?)
-    zero_grad: Callable[[], None] | None = None
-    memory: Callable[[], dict] | None = None  # bytes held for params / grads / optimizer state on this rank
-    checkpointer: object | None = None  # save / latest / load; default: DCPCheckpointer
-    sample: Callable[[], str] | None = None  # text generated at the end
-
-    def bind(self, run: Run) -> Strategy:
-        """Fill in the defaults that need the run."""
-        self.scaler = self.scaler or run.precision.scaler()
-        self.autocast = self.autocast or run.precision.autocast
-        self.backward = self.backward or (lambda loss: self.scaler.scale(loss).backward())
-        self.loss_of = self.loss_of or (lambda x, y: loss_fn(self.model(x), y) / run.accum_steps)
-        self.forward_backward = self.forward_backward or (lambda *batch: accumulate(self, run.accum_steps, batch))
-        self.eval_loss = self.eval_loss or (lambda x, y: full(loss_fn(self.model(x), y)))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.clip = self.clip or (lambda max_norm: clip_grad_norm_(params, max_norm))
-        self.update = self.update or (lambda max_norm: clip_and_step(self, max_norm))
-        self.zero_grad = self.zero_grad or (lambda: self.optimizer.zero_grad(set_to_none=True))
-        self.memory = self.memory or (lambda: memory_breakdown(self.model, self.optimizer))
-        self.checkpointer = self.checkpointer or DCPCheckpointer(self.model, self.optimizer, run.info,
-                                                                 run.cfg.keep_checkpoints)
-        return self
-
-
-def accumulate(s: Strategy, n: int, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """This rank's share of the global batch in ``n`` micro-batches; gradients add up, and are reduced
-    across ranks only in the last one. Returns the summed loss (a tensor on the device: no host sync)."""
-    total = torch.zeros((), device=batch[0].device)
-    for i, micro in enumerate(zip(*(t.chunk(n) for t in batch))):
-        with s.grad_sync(i == n - 1), s.loss_context():
-            with s.autocast():
-                loss = s.loss_of(*micro)
-            s.backward(loss)
-        total += full(loss.detach()).float()
-    return total
 
 
 @dataclass
@@ -355,20 +156,6 @@ def resume(run: Run, s: Strategy) -> History:
         s.scaler.load_state_dict(state["scaler"])
     log.info(f"resumed from {path} at step {state['step']}")
     return History(state["losses"], state["evals"], state["step"], state.get("before"))
-
-
-def clip_and_step(s: Strategy, max_norm: float) -> tuple[float, bool]:
-    """Unscale (fp16), clip the global gradient norm, step. A non-finite norm skips the update on every
-    rank alike (the norm is global) -- except with fp16, where an overflow is the loss scaler's job: it
-    skips the step itself and lowers the scale."""
-    if s.scaler.is_enabled():
-        s.scaler.unscale_(s.optimizer)
-    norm = float(s.clip(max_norm))
-    if not (math.isfinite(norm) or s.scaler.is_enabled()):
-        return norm, False
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    return norm, True
 
 
 def train_step(run: Run, s: Strategy, step: int, batch: Batch) -> tuple[float, float, bool]:
@@ -518,28 +305,3 @@ def finish(run: Run, s: Strategy, task: Task, hist: History, meter: Throughput, 
         log.info("sample:\n" + summary["sample"])
     sink.summary(summary, title=f"{run.strategy}, {cfg.preset}, {info.world_size} process(es)")
     return summary
-
-
-def sample_text(model: GPT, run: Run, prompt: str = "ROMEO:\n") -> str:
-    """Generate ``cfg.sample_tokens`` tokens from ``prompt`` (same seed, same text on every rank)."""
-    tok = run.data.tokenizer
-    ids = torch.tensor([tok.encode(prompt) or [tok.eot_id]], device=run.info.device)
-    gen = torch.Generator(device=run.info.device).manual_seed(run.cfg.seed)
-    ctx = run.precision.autocast() if run.info.device.type == "cuda" else nullcontext()
-    model.eval()
-    with ctx:
-        out = model.generate(ids, run.cfg.sample_tokens, generator=gen)
-    model.train()
-    return tok.decode(out[0].tolist())
-
-
-def run_main(main: Callable[[TrainConfig], dict], description: str, argv: list[str] | None = None,
-             cls: type = TrainConfig) -> None:
-    """Command-line entry point: parse into ``cls``, run, print bad input as one line (exit 2), tear down."""
-    try:
-        main(load_config(argv, description, cls=cls))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        distributed.teardown()
-        sys.exit(2)
-    distributed.teardown()
