@@ -6,6 +6,7 @@
 # precision (bf16 on A100/H100, fp16 + loss scaling on V100), and with >= 2 GPUs FSDP2 parity over NCCL
 # (fp32, TF32 off, tolerance 1e-4); 3) torchtune single-device full (bf16, fp32 on V100) and, with >= 2 GPUs,
 # the distributed recipe through `tune run` (NCCL, no launcher); 4) Unsloth LoRA and 4-bit QLoRA on 1 GPU.
+# Only GPU-appropriate commands: the CPU tests of tests/finetuning are not run on the GPU (see the end).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -60,6 +61,7 @@ echo "== 4. Unsloth on 1 GPU: LoRA and 4-bit QLoRA"
 u=(--model "$base" --data-dir "$out/sft-data" --max-steps 20 --val-examples 16 --max-new-tokens 8)
 .venv-unsloth/bin/python 04_Finetuning/unsloth/unsloth_sft.py "${u[@]}" --out-dir "$out/unsloth-lora"
 .venv-unsloth/bin/python 04_Finetuning/unsloth/unsloth_sft.py "${u[@]}" --qlora --out-dir "$out/unsloth-qlora"
-
-echo "== 5. pytest tests/finetuning on the GPU machine"
-$PY -m pytest -q tests/finetuning
+# Not run here: pytest tests/finetuning. Those tests are written for CPU (2 gloo processes, bf16 runs compared
+# at 1e-5) and fail on a one-GPU machine ("local rank 1 has no GPU"); the GPU-appropriate versions are the
+# steps above (auto precision on 1 GPU, FSDP2 parity in fp32 with TF32 off at 1e-4 on >= 2 GPUs).
+# The base training code's single-GPU checks are tests/gpu/single_gpu_check.py.

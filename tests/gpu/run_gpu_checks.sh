@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# GPU checks (< 5 minutes on one node). Run on a CUDA machine from the repository root:
+# GPU checks of one node. Run on a CUDA machine from the repository root:
 #   bash tests/gpu/run_gpu_checks.sh
-# 1) gpt2-small preset, 30 steps on one GPU with the auto precision (bf16 on A100/H100, fp16 on V100):
-#    prints tokens/s and MFU; 2) the DDP parity test with NCCL on the GPUs present (needs >= 2 GPUs);
-#    2b) FSDP2 and TP+SP parity on 2 GPUs and a short bf16 FSDP run on all GPUs (needs >= 2 GPUs);
+# 1) the single-GPU check (tests/gpu/single_gpu_check.py: one table, < 10 minutes on one H100/H200;
+#    it needs only the machine's PyTorch and a prepared data/ folder, see its docstring);
+# 2) the DDP parity test with NCCL on the GPUs present (needs >= 2 GPUs);
+# 2b) FSDP2 and TP+SP parity on 2 GPUs and a short bf16 FSDP run on all GPUs (needs >= 2 GPUs);
 # 3) pytest's GPU-marked tests. Exits non-zero on any failure; without a GPU it says so and exits 1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,20 +15,14 @@ if [ "$ngpu" -eq 0 ]; then echo "no CUDA GPU visible: nothing to check here" >&2
 out=${OUT:-runs/gpu-checks}; mkdir -p "$out"
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, '|', torch.cuda.get_device_name(0), '| GPUs:', torch.cuda.device_count())"
 
-echo "== 1. gpt2-small, 1 GPU, 30 steps"
-$PY 03_LLM_Training_on_GPU/ddp.py --preset gpt2-small --max-steps 30 --batch-size 16 --micro-batch-size 16 \
-  --log-interval 10 --eval-interval 0 --sample-tokens 0 --no-progress --out-dir "$out/gpt2-small-1gpu"
-$PY - "$out/gpt2-small-1gpu/summary.json" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-print(f"RESULT gpt2-small 1 GPU {s['device_name']} {s['precision']}: {s['tokens_per_s']:,.0f} tok/s, "
-      f"MFU {s['mfu'] if s['mfu'] is None else round(100 * s['mfu'], 1)}%, peak {s['peak_memory_bytes'] / 2**30:.1f} GiB")
-PY
+echo "== 1. single-GPU check (one table)"
+single=0
+$PY tests/gpu/single_gpu_check.py --out "$out/single" || single=$?  # the multi-GPU steps still run
 
 if [ "$ngpu" -ge 2 ]; then
   echo "== 2. DDP parity, NCCL, 2 GPUs vs 1 GPU (fp32, tiny, 20 steps)"
   common=(--preset tiny --max-steps 20 --batch-size 8 --micro-batch-size 4 --precision fp32 --seed 7
-          --sample-tokens 0 --no-progress --eval-interval 0)
+          --sample-tokens 0 --no-progress --eval-interval 0 --overwrite)
   NVIDIA_TF32_OVERRIDE=0 $PY 03_LLM_Training_on_GPU/ddp.py "${common[@]}" --out-dir "$out/parity-1"
   NVIDIA_TF32_OVERRIDE=0 "$BIN/torchrun" --standalone --nproc_per_node=2 03_LLM_Training_on_GPU/ddp.py "${common[@]}" --out-dir "$out/parity-2"
   $PY - "$out" <<'PY'
@@ -64,3 +59,4 @@ PY
 fi
 echo "== 3. pytest GPU tests"
 $PY -m pytest -q tests/test_gpu.py
+if [ "$single" -ne 0 ]; then echo "the single-GPU check failed (its table is above)" >&2; exit 1; fi
