@@ -171,8 +171,21 @@ def init(device: str = "auto", backend: str | None = None, timeout_s: int = 600,
             _slurm_rendezvous()
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if dev.type == "cuda" else None,
+                                **_restart_store(rank, world, timeout_s))
     return info
+
+
+def _restart_store(rank: int, world: int, timeout_s: int) -> dict:
+    """After a torchrun restart (--max-restarts) the agent's key-value store still holds the keys of the
+    killed processes -- among them gloo's listening addresses, which the new processes would read and
+    connect to ("connectFullMesh failed ... Connection refused"). Each restart gets its own key prefix."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    return {"store": dist.PrefixStore(f"llm-restart-{restart}", store), "rank": rank, "world_size": world}
 
 
 def make_mesh(info: DistInfo, **dims: int):
