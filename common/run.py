@@ -71,6 +71,7 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
                         f"use a multiple of {dp}")
     out_dir = Path(cfg.out_dir or f"{os.environ.get('LLM_RUNS', 'runs')}/{strategy}-{cfg.preset}")
     runlock.check_fresh(out_dir, cfg.resume, cfg.overwrite, restart_count() > 0)
+    runlock.check_writable(out_dir)
     info = distributed.init(cfg.device, timeout_s=cfg.timeout_s, threads=cfg.threads)
     precision = choose_precision(cfg.precision, info.device)
     if info.device.type == "cuda":  # TF32 for fp32 matmuls (Ampere+; no effect on a V100) unless --no-tf32

@@ -30,6 +30,17 @@ def check_fresh(out_dir: Path, resume: bool, overwrite: bool, restarted: bool) -
                         "--overwrite to start over (deletes its log and checkpoints), or choose another --out-dir")
 
 
+def check_writable(out_dir: Path) -> None:
+    """The run folder, or the nearest folder above it that exists, must be writable (checked by every rank
+    before any process group exists)."""
+    existing = Path(out_dir).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the run folder {out_dir}: {existing} is not a writable folder; "
+                        "choose a writable --out-dir")
+
+
 def clear(out_dir: Path) -> None:
     """--overwrite: remove the earlier run's files (rank 0, holding the lock)."""
     for name in OVERWRITTEN:

@@ -60,8 +60,11 @@ def test_resume_that_would_step_back_or_change_the_batch_is_refused(tmp_path, da
 def test_unwritable_out_dir_is_one_line(tmp_path, data_dir):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(UserError, match="cannot write the run folder"):
+    with pytest.raises(UserError, match="cannot write the run folder .*file/run: .*file is not a writable folder"):
         run(tmp_path, data_dir, name="file/run")
+    import torch
+
+    assert not torch.distributed.is_initialized()  # refused before any process group
 
 
 def test_killed_rank_under_max_restarts_resumes_and_ends_like_an_uninterrupted_run(tmp_path, data_dir):
