@@ -46,7 +46,13 @@ def test_summary_and_outputs(tmp_path, data_dir):
         assert key in s, key
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["final_loss"] == s["final_loss"] and s["strategy"] == "ddp" and s["precision"] == "fp32"
-    assert s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1 and s["peak_memory_bytes"] > 0
+    assert s["tokens_per_s"] > 0 and s["peak_memory_bytes"] > 0
+    # MFU = FLOPs/token x tokens/s / peak. Not asserted < 1: the CPU peak is a matmul measured once per process,
+    # and on a loaded machine it can come out lower than what training later achieves
+    from common.model import GPT
+
+    flops = GPT(make_config(**COMMON).model_config(vocab_size=4096)).flops_per_token(COMMON["seq_len"])
+    assert s["mfu"] == pytest.approx(flops * s["tokens_per_s"] / (s["peak_tflops_per_device"] * 1e12))
     mem = s["memory_per_rank"][0]
     assert 0 <= mem["optim"] - 2 * mem["params"] < 1000  # AdamW: 2 moments (+ a step counter per tensor)
     assert s["sample"].startswith("ROMEO:") and len(s["sample"]) > len("ROMEO:\n")
