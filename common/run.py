@@ -97,6 +97,7 @@ def setup(cfg: TrainConfig, strategy: str, dp_size: Callable[[int], int] = lambd
              f"{torch.get_num_threads()} CPU thread(s) each | {describe(precision)}")
     if data is not None:
         log.info(f"data: {data.dir} ({len(data.train):,} train tokens, vocab {data.vocab_size})")
+    log.info(f"run folder: {out_dir}" + (" (from $LLM_RUNS)" if not cfg.out_dir and "LLM_RUNS" in os.environ else ""))
     # data-parallel index for meshes with dp as the outer dimension (rank = dp_rank * inner + inner_rank)
     dp_rank = info.rank // (info.world_size // dp)
     return Run(cfg, info, precision, data, strategy, out_dir, dp_rank=dp_rank, dp_size=dp, lock=lock)
