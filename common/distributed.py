@@ -15,6 +15,7 @@ spin-wait for each other (a trainer ran 6x slower on a 2-core machine), and one 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import subprocess
@@ -225,8 +226,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown() -> None:
+    """Collect garbage, then destroy the process groups, while the interpreter is fully alive: a sharded
+    model left in a reference cycle can hold gloo work objects with tensors, and freeing those during the
+    interpreter's shutdown aborts the process ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+    gc.collect()
 
 
 class _RankFilter(logging.Filter):
