@@ -10,14 +10,17 @@ for (``--device cuda``, or a Slurm GPU grant with ``--device auto``) but that to
 run with one line that names the cause and the fix, instead of a silent CPU run. Every process gets
 ``allocated cores / processes on this node`` threads, on GPU nodes too: oversubscribed OpenMP threads
 spin-wait for each other (a trainer ran 6x slower on a 2-core machine), and one thread per process
-(torchrun's default) starves CPU work such as an offloaded optimizer.
+(torchrun's default) starves CPU work such as an offloaded optimizer. ``kill -USR2 <pid>`` makes any
+process print its Python stacks (docs/debugging.md).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -159,6 +162,9 @@ def init(device: str = "auto", backend: str | None = None, timeout_s: int = 600,
     """Set up this process: ranks, device, threads, and the process group when world_size > 1."""
     rank, world, local_rank, local_world = env_ranks()
     setup_logging(rank)
+    if hasattr(signal, "SIGUSR2") and sys.__stderr__ is not None:  # (SIGUSR1 is Slurm's time-limit warning)
+        # `kill -USR2 <pid>` prints this process's Python stacks to stderr, even from inside a hung collective
+        faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     dev = pick_device(device, local_rank)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
