@@ -1,7 +1,8 @@
-"""Solution to the exercise of ``03_pipeline_parallel.ipynb``: step time and bubble of interleaved 1F1B.
+"""Solutions to the two exercises of ``03_pipeline_parallel.ipynb``: interleaved 1F1B's step time and bubble, and
+its peak live activations per rank.
 
-``tests/test_notebooks.py`` runs the notebook's check cell against the stub (it must fail) and against this
-file (it must pass).
+``tests/test_notebooks.py`` runs each of the notebook's check cells against its stub (it must fail) and against
+this file (it must pass).
 """
 
 
