@@ -104,9 +104,33 @@ class DeepSpeedCheckpointer:
         return client_state["trainer_state"]
 
 
-def zero_memory(engine) -> dict:
-    """Bytes this rank holds: its weights (a partition under ZeRO-3), Adam moments of its partition and
-    its fp32 master weights. Gradients show 0: DeepSpeed frees its partitions inside ``engine.step()``."""
+def held_bytes(tensors) -> int:
+    """Bytes these tensors cover, each byte once (DeepSpeed hands out views of its flat buffers)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    total = end = 0
+    for start, stop in spans:
+        total, end = total + max(0, stop - max(start, end)), max(end, stop)
+    return total
+
+
+def zero_grad_bytes(zero) -> int:
+    """Gradient bytes this rank holds after a backward, before ``engine.step()`` frees them (measured in
+    DeepSpeed 0.19 with gradient accumulation): ZeRO-1 keeps the full ``param.grad`` until the last micro-batch,
+    then reduces once; ZeRO-2 reduce-scatters every micro-batch into its 1/N partition (``all_grad_tensors``,
+    ``averaged_gradients``); ZeRO-3 owns a 1/N ``grad_partitions_flat_buffer``. The reduce buckets
+    (``reduce_bucket_size`` elements, allocated during backward) are communication space, not counted."""
+    params = [p for g in getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", []) for p in g]
+    tensors = [getattr(p, a, None) for p in params for a in ("grad", "grad_accum")]
+    for holder in (getattr(zero, "averaged_gradients", None) or {}, getattr(zero, "all_grad_tensors", None) or {}):
+        tensors += [t for v in holder.values() for t in (v or [])]
+    tensors += [getattr(zero, "grads_in_partition", None), getattr(zero, "grad_partitions_flat_buffer", None)]
+    return held_bytes([t for t in tensors if torch.is_tensor(t)])
+
+
+def zero_memory(engine, grads: int) -> dict:
+    """Bytes this rank holds: its weights (a partition under ZeRO-3), the most gradient bytes it held after a
+    backward (``grads``, from zero_grad_bytes: ``engine.step()`` frees them), Adam moments of its partition and
+    its fp32 master weights."""
     from common.metrics import memory_breakdown
 
     zero = engine.optimizer
@@ -114,6 +138,7 @@ def zero_memory(engine) -> dict:
                                                                                [])
     mem = memory_breakdown(engine.module, zero.optimizer)
     mem["optim"] += sum(t.numel() * t.element_size() for t in masters)
+    mem["grads"] = grads
     return mem
 
 
@@ -160,11 +185,17 @@ def main(cfg: Config) -> dict:
         norm = float(engine.get_global_grad_norm() or 0.0)
         return norm, math.isfinite(norm)
 
+    grads_held = [0]  # the most gradient bytes held after any backward (the memory report's "grads")
+
+    def backward(loss: torch.Tensor) -> None:
+        engine.backward(loss, scale_wrt_gas=False)
+        grads_held[0] = max(grads_held[0], zero_grad_bytes(engine.optimizer))
+
     return train(run, Strategy(
         engine, engine.optimizer, flops, n_params, scaler=torch.amp.GradScaler(run.info.device.type, enabled=False),
         autocast=nullcontext,  # the engine keeps bf16/fp16 weights itself
-        grad_sync=micro_step, backward=lambda loss: engine.backward(loss, scale_wrt_gas=False), update=update,
-        zero_grad=lambda: None, memory=lambda: zero_memory(engine),
+        grad_sync=micro_step, backward=backward, update=update,
+        zero_grad=lambda: None, memory=lambda: zero_memory(engine, grads_held[0]),
         checkpointer=DeepSpeedCheckpointer(engine, run.info, cfg.keep_checkpoints)))
 
 

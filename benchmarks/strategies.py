@@ -6,8 +6,11 @@
 
 Each row is a real ``torchrun`` of a chapter script; numbers come from its summary.json: tokens/s
 averaged over all steps but the first, MFU against the measured matmul peak (CPU, same thread count)
-or the data-sheet peak (GPU), model state = parameters + gradients + optimizer bytes of the most
-loaded rank, peak = peak resident memory (CPU) or peak allocated GPU memory of the most loaded rank.
+or the data-sheet peak (GPU); weights, gradients and optimizer state (AdamW moments, ZeRO's fp32
+masters) of the most loaded rank, gradients counted after backward and before the optimizer step
+frees them (ZeRO: zero.py's zero_grad_bytes); peak = peak resident memory (CPU) or peak allocated
+GPU memory of the most loaded rank. Two micro-batches per rank (gradient accumulation), so ZeRO-1
+(full gradients until the last micro-batch) and ZeRO-2 (a reduce-scattered 1/N partition) differ.
 Writes a Markdown table (stdout and ``images/strategies_<device>.md``) and a bar chart
 ``images/strategies_<device>.png``. To add a strategy (pp.py, zero.py), append to STRATEGIES.
 """
@@ -52,9 +55,10 @@ STRATEGIES = [
     Strategy("ZeRO-3", "zero.py", args=["--ds-config", f"{CH}/ds_zero3.json"]),
 ]
 
-# Same preset and global batch for every strategy; short runs that still measure steady state.
+# Same preset and global batch for every strategy; short runs that still measure steady state. On CPU each of
+# the 2 data-parallel ranks accumulates 2 micro-batches of 4 (1 process: 4 of 4).
 RUNS = {
-    "cpu": ["--preset", "tiny", "--max-steps", "30", "--batch-size", "16", "--micro-batch-size", "8",
+    "cpu": ["--preset", "tiny", "--max-steps", "30", "--batch-size", "16", "--micro-batch-size", "4",
             "--seq-len", "128", "--threads", "1"],
     "cuda": ["--preset", "gpt2-small", "--max-steps", "30", "--batch-size", "32", "--micro-batch-size", "8",
              "--seq-len", "1024"],
@@ -80,18 +84,28 @@ def run(s: Strategy, device: str, out: Path) -> dict | None:
     return json.loads((out / "summary.json").read_text())
 
 
+def state(summary: dict) -> dict:
+    """Weights, gradients and optimizer bytes of the rank that holds the most in all."""
+    return max(summary["memory_per_rank"], key=lambda m: m["params"] + m["grads"] + m["optim"])
+
+
 def state_bytes(summary: dict) -> int:
-    return max(m["params"] + m["grads"] + m["optim"] for m in summary["memory_per_rank"])
+    m = state(summary)
+    return m["params"] + m["grads"] + m["optim"]
 
 
 def table(rows: list[tuple[Strategy, dict]], device: str) -> str:
     unit = "thread" if device == "cpu" else "GPU"
-    lines = [f"| strategy | processes x 1 {unit} | precision | tokens/s | MFU | model state per rank (MiB) "
-             "| peak memory per rank (MiB) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| strategy | processes x 1 {unit} | precision | tokens/s | MFU | per rank (MiB): weights "
+             "| gradients | optimizer state | model state | peak memory per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    mib = 2**20
     for s, r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        m = state(r)
         lines.append(f"| {s.label} | {r['world_size']} | {r['precision']} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{state_bytes(r) / 2**20:.1f} | {r['peak_memory_bytes'] / 2**20:,.0f} |")
+                     f"{m['params'] / mib:.1f} | {m['grads'] / mib:.1f} | {m['optim'] / mib:.1f} | "
+                     f"{state_bytes(r) / mib:.1f} | {r['peak_memory_bytes'] / mib:,.0f} |")
     return "\n".join(lines)
 
 
@@ -105,8 +119,15 @@ def chart(rows: list[tuple[Strategy, dict]], device: str, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     a.barh(labels, [r["tokens_per_s"] for _, r in rows], color="tab:blue")
     a.set_xlabel("tokens / s (higher is better)")
-    b.barh(labels, [state_bytes(r) / 2**20 for _, r in rows], color="tab:orange")
-    b.set_xlabel("params + grads + AdamW state per rank, MiB (lower is better)")
+    left = [0.0] * len(rows)
+    for key, name, color in (("params", "weights", "tab:orange"), ("grads", "gradients", "tab:red"),
+                             ("optim", "AdamW state", "tab:gray")):
+        part = [state(r)[key] / 2**20 for _, r in rows]
+        b.barh(labels, part, left=left, color=color, label=name)
+        left = [x + y for x, y in zip(left, part)]
+    b.set_xlabel("model state per rank, MiB (lower is better)")
+    b.set_xlim(0, 1.4 * max(left))  # room for the legend right of the bars
+    b.legend(loc="lower right", fontsize=8)
     b.set_yticklabels([])
     for ax in (a, b):
         ax.invert_yaxis()

@@ -128,6 +128,23 @@ def test_zero_two_processes_match_one_process(runs, name):
 
 
 @needs_deepspeed
+def test_zero2_ranks_hold_half_the_gradients_of_zero1(runs):
+    """Gradient bytes after backward, before the step (zero.py's zero_grad_bytes), with 2 micro-batches per
+    rank: ZeRO-1 holds every gradient (the full ``param.grad`` until the last micro-batch), exactly as much
+    as one process; ZeRO-2 only its reduce-scattered partition, 1/2 on 2 ranks."""
+    d, reference = runs
+    full = reference["memory_per_rank"][0]["grads"]
+    zero1, zero2 = ([m["grads"] for m in json.loads((d / n / "summary.json").read_text())["memory_per_rank"]]
+                    for n in ("zero1", "zero2"))
+    assert zero1 == [full, full]
+    # DeepSpeed splits each parameter group's flat buffer in two and keeps the gradient of a tensor that the split
+    # cuts whole on both ranks: here one RMSNorm weight of the no-decay group (128 floats), +256 bytes per rank
+    # (measured). The split depends only on the parameters' order and sizes, never on the machine; 0.5 % of the
+    # gradients (38 KB) leaves room for such a tensor and none for a full copy.
+    assert all(full / 2 <= g <= 0.505 * full for g in zero2), (zero2, full)
+
+
+@needs_deepspeed
 def test_zero_checkpoint_resume(runs):
     d, _ = runs
     straight = json.loads((d / "zero3" / "summary.json").read_text())
