@@ -120,6 +120,32 @@ class PipelineLoss:
         return self.scaler.scale(loss) if self.training and self.scaler.is_enabled() else loss
 
 
+class StageGradScaler(ShardedGradScaler):
+    """ShardedGradScaler (its inf check is all-reduced, so every stage skips alike) whose inf flag has the
+    shape fused AdamW expects: ShardedGradScaler makes it (1,), and fused AdamW's step-count correction
+    fails to broadcast that into its () step counts (torch 2.13); GradScaler itself uses ()."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {d: t.reshape(()) for d, t in state["found_inf_per_device"].items()}
+
+
+class LowPrecisionBoundary(nn.Module):
+    """Hidden states cross the stage boundary in the autocast dtype (bf16/fp16), so the point-to-point
+    sends of activations forward and of their gradients backward carry half the bytes of fp32; inside a
+    stage the residual stream is fp32 again, as it is without pipelining. (Parameter names are the
+    stage's own: the checkpoint is taken from the stage model, not from this wrapper.)"""
+
+    def __init__(self, stage: nn.Module, dtype: torch.dtype, first: bool, last: bool):
+        super().__init__()
+        self.stage, self.dtype, self.first, self.last = stage, dtype, first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stage(x if self.first else x.float())
+        return y if self.last else y.to(self.dtype)
+
+
 def main(cfg: Config) -> dict:
     _, world, _, _ = distributed.env_ranks()
     layout = plan(cfg, world)  # before any collective
@@ -139,9 +165,12 @@ def main(cfg: Config) -> dict:
     model = apply_ac(model.keep_only(owned, has_first, has_last).to(info.device), cfg.activation_checkpointing)
     stage_models = [model] if len(my_stages) == 1 else [
         model.stage_view(layout["layers_of_stage"][s], s == 0, s == n_stages - 1) for s in my_stages]
+    if run.precision.dtype != torch.float32:  # bf16/fp16: half the bytes between stages
+        stage_models = [LowPrecisionBoundary(sm, run.precision.dtype, s == 0, s == n_stages - 1)
+                        for sm, s in zip(stage_models, my_stages)]
     stages = [PipelineStage(sm, s, n_stages, info.device) for sm, s in zip(stage_models, my_stages)]
     schedule_cls, multi = SCHEDULES[cfg.schedule]
-    scaler = ShardedGradScaler(info.device.type, enabled=run.precision.needs_scaler)  # all-reduces the inf check
+    scaler = StageGradScaler(info.device.type, enabled=run.precision.needs_scaler)  # all-reduces the inf check
     pipeline_loss = PipelineLoss(scaler)
     pipe = schedule_cls(stages if multi else stages[0], n_microbatches=m, loss_fn=pipeline_loss)
     last_rank = next(r for r in range(info.world_size) if n_stages - 1 in layout["stage_ids"](r))
@@ -166,7 +195,7 @@ def main(cfg: Config) -> dict:
         pipeline_loss.training = True
         loss = run_pipeline(x, y, pipe.step)
         pipeline_loss.training = False
-        return loss / scaler.get_scale() if scaler.is_enabled() else loss
+        return loss / scaler._get_scale_async() if scaler.is_enabled() else loss  # no host read
 
     params = list(model.parameters())
 

@@ -178,9 +178,13 @@ def main(cfg: Config) -> dict:
         if not last:
             engine.step()
 
-    def update(max_norm: float) -> tuple[float, bool]:
+    def update(max_norm: float, bad_loss: torch.Tensor) -> tuple[float, bool]:
         """engine.step(): global-norm clipping (from the config), fp16 unscaling / overflow skip, the
-        partitioned AdamW update, the all-gather of updated weights, zeroing the gradients."""
+        partitioned AdamW update, the all-gather of updated weights, zeroing the gradients. A non-finite
+        loss (every rank agrees) skips the update: the engine is stepped with its gradients zeroed."""
+        if bool(bad_loss):  # DeepSpeed reads its norm on the host anyway
+            engine.zero_grad()
+            return math.nan, False
         engine.step()
         norm = float(engine.get_global_grad_norm() or 0.0)
         return norm, math.isfinite(norm)

@@ -72,8 +72,10 @@ def activation_bytes(cfg: ModelConfig, tokens: int, layers: int, ac: str, low: b
     final = final if head else 0
     if ac == "none":
         return tokens * (layers * block + final)
-    # each block keeps its input (the fp32 residual stream); selective also its matmul/SDPA outputs
-    kept = 4 * h + (0 if ac == "full" else (2 if low else 4) * (4 * h + 2 * kv + 3 * ffn))
+    # each block keeps its input (the fp32 residual stream); selective also its seven matmul outputs and SDPA's
+    # output (4h + 2kv + 2ffn) and fp32 log-sum-exp (heads) -- equal to the CPU allocator's count in fp32
+    # (02_Notebook_Parallelism/06_activation_memory.ipynb)
+    kept = 4 * h + (0 if ac == "full" else (2 if low else 4) * (4 * h + 2 * kv + 2 * ffn) + 4 * heads)
     return tokens * (layers * kept + final + block)
 
 

@@ -197,12 +197,14 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype, cpu_offload: bo
 
 
 def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """Replicate with gradient all-reduce in 25 MB buckets during backward; the gradients live inside
+    """Replicate with gradient all-reduce in buckets during backward: DDP's default sizes, a 1 MiB first
+    bucket (the last layers' gradients, ready first, go out at once) and 25 MiB after it -- passing
+    ``bucket_cap_mb=25`` explicitly would make the first bucket 25 MiB too, one bucket for a small model and
+    no overlap at all (02_Notebook_Parallelism/07_profiling.ipynb measures it). The gradients live inside
     the buckets (``gradient_as_bucket_view``: no second copy of them)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=25,
-               gradient_as_bucket_view=True)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
 
 
 def parallelize(model: GPT, cfg, *, tp_mesh=None, dp_mesh=None, data_parallel: str | None = None,

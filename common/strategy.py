@@ -81,7 +81,8 @@ class Strategy:
     forward_backward: Callable[..., torch.Tensor] | None = None  # one rank's batch -> mean loss; default: accumulate
     eval_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # default: loss of model(x)
     clip: Callable[[float], torch.Tensor] | None = None  # default: clip the global norm of model's gradients
-    update: Callable[[float], tuple[float, bool]] | None = None  # default: clip_and_step; -> (norm, applied?)
+    update: Callable[[float, torch.Tensor], tuple] | None = None  # (max_norm, bad_loss) -> (norm, applied?);
+    # default: clip_and_step
     zero_grad: Callable[[], None] | None = None
     memory: Callable[[], dict] | None = None  # bytes held for params / grads / optimizer state on this rank
     checkpointer: object | None = None  # save / latest / load; default: DCPCheckpointer
@@ -97,7 +98,7 @@ class Strategy:
         self.eval_loss = self.eval_loss or (lambda x, y: full(loss_fn(self.model(x), y)))
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip = self.clip or (lambda max_norm: clip_grad_norm_(params, max_norm))
-        self.update = self.update or (lambda max_norm: clip_and_step(self, max_norm))
+        self.update = self.update or (lambda max_norm, bad_loss: clip_and_step(self, max_norm, bad_loss))
         self.zero_grad = self.zero_grad or (lambda: self.optimizer.zero_grad(set_to_none=True))
         self.memory = self.memory or (lambda: memory_breakdown(self.model, self.optimizer))
         self.checkpointer = self.checkpointer or DCPCheckpointer(self.model, self.optimizer, run.info,
@@ -118,17 +119,37 @@ def accumulate(s: Strategy, n: int, batch: tuple[torch.Tensor, ...]) -> torch.Te
     return total
 
 
-def clip_and_step(s: Strategy, max_norm: float) -> tuple[float, bool]:
-    """Unscale (fp16), clip the global gradient norm, step. A non-finite norm skips the update on every
-    rank alike (the norm is global) -- except with fp16, where an overflow is the loss scaler's job: it
-    skips the step itself and lowers the scale."""
+def clip_and_step(s: Strategy, max_norm: float, bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale (fp16), clip the global gradient norm, step; returns (norm, applied) as device tensors.
+
+    A non-finite loss (all-reduced: every rank agrees) or gradient norm (global) skips the update on every
+    rank alike -- except that with fp16 an overflowing gradient is the loss scaler's job: it skips the step
+    itself and lowers the scale. The skip is decided on the device (``step_unless``), so the host never
+    waits here for the step to finish; only fp16 reads ``bad_loss`` on the host (its scaler must not see a
+    step whose loss was not finite)."""
     if s.scaler.is_enabled():
+        if bool(bad_loss):
+            return torch.full_like(bad_loss, math.nan, dtype=torch.float32), torch.zeros_like(bad_loss)
         s.scaler.unscale_(s.optimizer)
-    norm = float(s.clip(max_norm))
-    if not (math.isfinite(norm) or s.scaler.is_enabled()):
-        return norm, False
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    return norm, True
+        norm = s.clip(max_norm)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        return norm, torch.ones_like(bad_loss)
+    norm = s.clip(max_norm).to(bad_loss.device)
+    skip = bad_loss | ~torch.isfinite(norm)
+    step_unless(s.optimizer, skip)
+    return norm, ~skip
 
 
+def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip`` (a bool tensor). Fused AdamW (``build_optimizer``) takes the flag
+    as ``found_inf`` -- the same hook ``GradScaler`` uses -- and skips the update and its step count on the
+    device, with no host sync; any other optimizer reads the flag on the host."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float().reshape(())  # shaped like the step counts
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()

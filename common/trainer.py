@@ -94,6 +94,7 @@ class Signals:
 
     def __init__(self):
         self.received: int | None = None
+        self._announced = False
         self._old = {}
 
     def __enter__(self):
@@ -106,6 +107,14 @@ class Signals:
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def announce(self, say, log_interval: int) -> None:
+        """Say once that a signal arrived: the trainer acts on it at the next log step (every rank agrees
+        there), i.e. within --log-interval steps -- keep Slurm's warning (--signal=B:USR1@SECONDS) longer."""
+        if self.received is not None and not self._announced:
+            self._announced = True
+            say(f"signal {signal.Signals(self.received).name} received: checkpoint and stop at the next log step "
+                f"(within --log-interval {log_interval} steps)")
 
     def __exit__(self, *exc):
         for s, old in self._old.items():
@@ -158,17 +167,27 @@ def resume(run: Run, s: Strategy) -> History:
     return History(state["losses"], state["evals"], state["step"], state.get("before"))
 
 
-def train_step(run: Run, s: Strategy, step: int, batch: Batch) -> tuple[float, float, bool]:
-    """One optimizer step; returns (global mean loss, gradient norm, whether the update was applied).
-    A non-finite loss (all-reduced: every rank agrees) skips the update."""
-    cfg = run.cfg
+def train_step(run: Run, s: Strategy, step: int, batch: Batch, signals: Signals) -> torch.Tensor:
+    """One optimizer step. Returns ``STATS`` as one tensor on the device: the host reads it only at log
+    steps (``Window.flush``), so it can queue the next steps meanwhile (nanoGPT and torchtitan do the same).
+    A non-finite loss on any rank skips the update on every rank; the step's one collective carries the
+    loss and whether any rank has received a signal."""
+    cfg, dev = run.cfg, run.info.device
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    loss = distributed.all_reduce_mean(s.forward_backward(*batch.inputs).item(), run.info)
-    if not math.isfinite(loss):
-        return loss, float("nan"), False
-    norm, applied = s.update(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    return loss, norm, applied
+    loss = s.forward_backward(*batch.inputs).detach().to(dev, torch.float64)
+    signalled = torch.full((), float(signals.received is not None), dtype=torch.float64, device=dev)
+    shared = torch.stack([loss, signalled])
+    if run.info.world_size > 1:
+        dist.all_reduce(shared)
+    loss = shared[0] / run.info.world_size
+    norm, applied = s.update(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"), ~torch.isfinite(loss))
+    scale = s.scaler._get_scale_async() if s.scaler.is_enabled() else None  # the tensor, not a host read
+    as_t = lambda v: torch.as_tensor(v, device=dev).to(torch.float64).reshape(())  # noqa: E731
+    return torch.stack([loss, as_t(norm), 1 - as_t(applied), shared[1], as_t(math.nan if scale is None else scale)])
+
+
+STATS = ("loss", "grad_norm", "skipped", "signals", "loss_scale")  # what train_step returns, in this order
 
 
 def train(run: Run, s: Strategy, task: Task | None = None) -> dict:
@@ -197,42 +216,41 @@ def _train(run: Run, s: Strategy, task: Task | None) -> dict:
         peak_src += f"; measured {run.facts['measured_peak_tflops']:.1f}"
     log.info(f"global batch {cfg.batch_size} = {run.dp_size} data-parallel rank(s) x {run.accum_steps} "
              f"micro-batch(es) of {run.micro_batch} | peak {peak or float('nan'):.2f} TFLOP/s per device ({peak_src})")
-    meter, bad, mem, start = Throughput(), 0, None, hist.step
+    meter, mem, start = Throughput(), None, hist.step
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start, desc=run.strategy, dynamic_ncols=True,
                disable=not (cfg.progress and info.is_main), mininterval=1 if sys.stderr.isatty() else 30)
     say = bar.write if info.is_main and not bar.disable else log.info
+    window = Window(run, s, hist, sink, say, peak, start)
     s.model.train()
     with Signals() as signals:
+        batch = task.batch(start) if start < cfg.max_steps else None
+        meter.start()
         for step in range(start, cfg.max_steps):
-            meter.start()
-            batch = task.batch(step)
-            loss, norm, ok = train_step(run, s, step, batch)
+            signals.announce(say, cfg.log_interval)
+            window.add(train_step(run, s, step, batch, signals), batch)
             if step == cfg.max_steps - 1:  # gradients still allocated: count them before zero_grad frees them
                 mem = s.memory()
             s.zero_grad()
-            bad = 0 if ok else bad + 1
-            hist.losses.append(loss)
-            hist.step = step + 1
-            bar.update(1)
-            record = step_record(run, s, step, loss, norm, ok, meter.stop(batch.tokens), peak, batch.seq_len)
-            if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and step + 1 < cfg.max_steps:
-                record["val_loss"] = task.evaluate()["val_loss"]
-                hist.evals.append([step + 1, record["val_loss"]])
-            sink.write(record)
-            if (step + 1) % cfg.log_interval == 0 or step == start or "val_loss" in record:
-                say(format_record(record, cfg.max_steps))
-            if bad:
-                stop_if_diverged(run, s, step, loss, norm, bad, say, sink)
-            if distributed.any_rank(signals.received is not None, info):
+            if step + 1 < cfg.max_steps:
+                batch = task.batch(step + 1)  # the next batch, prepared while the device works on this one
+            last = step + 1 == cfg.max_steps
+            evaluate = cfg.eval_interval and (step + 1) % cfg.eval_interval == 0 and not last
+            save = cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last
+            if not ((step + 1) % cfg.log_interval == 0 or step == start or evaluate or save or last):
+                continue
+            signalled = window.flush(step, meter, task.evaluate()["val_loss"] if evaluate else None)
+            bar.update(step + 1 - bar.n)
+            if signalled:
                 path = s.checkpointer.save(run.out_dir, step + 1, hist.state(run, s))
                 bar.close()
                 sink.close()
                 log.info(f"preempted: checkpoint saved at step {step + 1} ({path}); rerun with --resume")
                 return {"preempted": True, "step": step + 1}
-            if cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and step + 1 < cfg.max_steps:
+            if save:
                 s.checkpointer.save(run.out_dir, step + 1, hist.state(run, s))
+            meter.start()
     bar.close()
     return finish(run, s, task, hist, meter, mem or s.memory(), peak, sink)
 
@@ -241,14 +259,54 @@ def flops_at(s: Strategy, seq_len: int) -> float:
     return s.flops_per_token(seq_len) if callable(s.flops_per_token) else s.flops_per_token
 
 
-def step_record(run: Run, s: Strategy, step: int, loss: float, norm: float, ok: bool, tok_s: float,
-                peak: float | None, seq_len: int) -> dict:
+class Window:
+    """The steps since the last log step, as device tensors (``train_step``'s ``STATS``). ``flush`` reads
+    them in one host sync, writes one log record per step, and stops a diverged run."""
+
+    def __init__(self, run: Run, s: Strategy, hist: History, sink: MetricsSink, say, peak: float | None,
+                 start: int):
+        self.run, self.s, self.hist, self.sink, self.say, self.peak, self.start = run, s, hist, sink, say, peak, start
+        self.stats: list[torch.Tensor] = []
+        self.batches: list[tuple[int, int]] = []  # (tokens, seq_len) of each step
+        self.bad = 0  # consecutive skipped steps
+
+    def add(self, stats: torch.Tensor, batch: Batch) -> None:
+        self.stats.append(stats)
+        self.batches.append((batch.tokens, batch.seq_len))
+
+    def flush(self, step: int, meter: Throughput, val_loss: float | None) -> bool:
+        """Log the window ending at ``step`` (tokens/s over the window); True if any rank got a signal."""
+        rows, batches = torch.stack(self.stats).tolist(), self.batches  # the one host sync of the window
+        self.stats, self.batches = [], []
+        tok_s = meter.stop(sum(tokens for tokens, _ in batches))
+        cfg = self.run.cfg
+        for i, (row, (_, seq_len)) in enumerate(zip(rows, batches)):
+            st = step + 1 - len(rows) + i
+            stats = dict(zip(STATS, row))
+            record = step_record(self.run, self.s, st, stats, tok_s, self.peak, seq_len)
+            if st == step and val_loss is not None:
+                record["val_loss"] = val_loss
+                self.hist.evals.append([step + 1, val_loss])
+            self.hist.losses.append(stats["loss"])
+            self.sink.write(record)
+            if (st + 1) % cfg.log_interval == 0 or st == self.start or "val_loss" in record:
+                self.say(format_record(record, cfg.max_steps))
+            self.bad = self.bad + 1 if stats["skipped"] else 0
+            if self.bad:
+                stop_if_diverged(self.run, self.s, st, stats["loss"], stats["grad_norm"], self.bad, self.say,
+                                 self.sink)
+        self.hist.step = step + 1
+        return any(row[STATS.index("signals")] for row in rows)
+
+
+def step_record(run: Run, s: Strategy, step: int, stats: dict, tok_s: float, peak: float | None,
+                seq_len: int) -> dict:
     """One line of log.jsonl (the sink adds the wall-clock time and the restart count)."""
-    record = dict(step=step + 1, loss=loss, lr=lr_at(step, run.cfg), grad_norm=norm, tokens_per_s=tok_s,
-                  mfu=mfu(flops_at(s, seq_len), tok_s, peak, run.info.world_size))
+    record = dict(step=step + 1, loss=stats["loss"], lr=lr_at(step, run.cfg), grad_norm=stats["grad_norm"],
+                  tokens_per_s=tok_s, mfu=mfu(flops_at(s, seq_len), tok_s, peak, run.info.world_size))
     if s.scaler.is_enabled():
-        record["loss_scale"] = s.scaler.get_scale()
-    if not ok:
+        record["loss_scale"] = stats["loss_scale"]
+    if stats["skipped"]:
         record["skipped"] = True
     return record
 
@@ -287,7 +345,8 @@ def finish(run: Run, s: Strategy, task: Task, hist: History, meter: Throughput, 
         dist.all_gather_object(per_rank, mem)
     seq_len = getattr(cfg, "seq_len", 0)
     summary = dict(
-        strategy=run.strategy, preset=cfg.preset, world_size=info.world_size, device=str(info.device.type),
+        strategy=run.strategy, preset=cfg.preset, world_size=info.world_size, local_world_size=info.local_world_size,
+        device=str(info.device.type),
         device_name=torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
         precision=run.precision.name, steps=cfg.max_steps, final_loss=hist.losses[-1], val_loss=after["val_loss"],
         tokens_per_s=meter.tokens_per_s, mfu=mfu(flops_at(s, run.facts.get("mean_seq_len", seq_len)),

@@ -1,6 +1,7 @@
 """DDP on 2 gloo processes == 1 process on the same global batch; checkpoint/resume; summary; errors."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -244,3 +245,38 @@ def test_non_finite_loss_is_skipped_then_stops_the_run(tmp_path, data_dir):
 def test_no_final_checkpoint_for_benchmarks(tmp_path, data_dir):
     s = run_single(tmp_path, "bench", data_dir, max_steps=2, final_checkpoint=False)
     assert len(s["losses"]) == 2 and not (tmp_path / "bench" / "checkpoints").exists()
+
+
+def test_the_host_reads_the_device_only_at_log_steps(tmp_path, data_dir, monkeypatch):
+    """A step queues its work and returns its stats as a device tensor (loss, norm, skipped, signal):
+    no .item()/.tolist()/bool()/float() of a tensor inside ``train_step``; ``Window.flush`` reads each
+    window once, at log steps. (On a GPU this is what lets the host run ahead of the device.)"""
+    import torch
+
+    from common import trainer
+
+    inside, reads, flushes = [False], [], []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name):
+            if inside[0]:
+                reads.append(_name)
+            return _original(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    step, flush = trainer.train_step, trainer.Window.flush
+
+    def step_counted(*a):
+        inside[0] = True
+        try:
+            return step(*a)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(trainer, "train_step", step_counted)
+    monkeypatch.setattr(trainer.Window, "flush", lambda self, st, *a: flushes.append(st + 1) or flush(self, st, *a))
+    s = run_single(tmp_path, "sync", data_dir, max_steps=12, eval_interval=0)
+    assert reads == [], reads
+    assert flushes == [1, 5, 10, 12]  # the first step, every --log-interval 5, the last
+    assert len(s["losses"]) == 12 and all(math.isfinite(x) for x in s["losses"])

@@ -190,3 +190,28 @@ def test_untied_config_lets_the_gpt2_presets_be_pipelined():
     assert layout["stage_ids"](1) == [1, 5] and layout["bubble"] == pytest.approx(3 / 19)
     one = pp.plan(make_config(pp.Config, **COMMON, schedule="interleaved1f1b"), world=1)
     assert one["n_stages"] == 1 and one["bubble"] == 0  # one process: the whole model is one stage
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hidden_states_cross_stages_in_low_precision(dtype):
+    """bf16/fp16 runs send half the bytes between stages: a middle stage's output (what PipelineStage
+    sends forward) and the gradient of its input (what it sends backward) are in the autocast dtype, while
+    the stage computes its residual stream in fp32; the first stage takes tokens, the last returns logits."""
+    from common.model import GPT, model_config
+
+    model = GPT(model_config("tiny", vocab_size=64))
+    middle = pp.LowPrecisionBoundary(model.stage_view([1, 2], False, False), dtype, first=False, last=False)
+    x = torch.randn(2, 8, 128, dtype=dtype, requires_grad=True)
+    seen = []
+    handle = model.layers["1"].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    y = middle(x)
+    handle.remove()
+    y.float().sum().backward()
+    assert y.dtype == dtype and x.grad.dtype == dtype and seen == [torch.float32]
+    # the same stage without the boundary, in fp32: equal up to the rounding of input and output to dtype
+    ref = model.stage_view([1, 2], False, False)(x.detach().float())
+    tol = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]  # one rounding of each side, relative
+    assert torch.allclose(y.float(), ref, rtol=4 * tol, atol=4 * tol * ref.abs().max().item())
+    last = pp.LowPrecisionBoundary(model.stage_view([3], False, True), dtype, first=False, last=True)
+    first = pp.LowPrecisionBoundary(model.stage_view([0], True, False), dtype, first=True, last=False)
+    assert last(x).dtype == torch.float32 and first(torch.zeros(2, 8, dtype=torch.long)).dtype == dtype

@@ -110,7 +110,8 @@ def test_lora_trains_only_adapters_saves_and_merges(tmp_path, base_model):
 @pytest.mark.parametrize("lora", [False, True])
 def test_signal_checkpoint_then_resume_equals_straight_run(tmp_path, base_model, monkeypatch, lora):
     """SIGUSR1 (Slurm's time-limit warning) -> checkpoint + stop; --resume finishes like a straight run."""
-    short = dict(max_steps=5, val_examples=8, max_new_tokens=2, lora=lora, lr=1e-2 if lora else 3e-3)
+    # log_interval 1: the trainer acts on a signal at the next log step (where every rank reads the step's stats)
+    short = dict(max_steps=5, val_examples=8, max_new_tokens=2, lora=lora, lr=1e-2 if lora else 3e-3, log_interval=1)
     straight = sft.main(config(base_model, tmp_path / "straight", **short))
     original = trainer.lr_at
 
