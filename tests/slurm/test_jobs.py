@@ -93,6 +93,15 @@ def test_allreduce_two_nodes(cluster):
     assert busbw and float(busbw.group(1)) > 0, job.log
 
 
+def test_hang_lab_job(cluster):
+    """hang_lab.slurm for real: rank 1 hangs, rank 0's collective times out after 10 s, the flight recorder
+    names the collective it was stuck in; the job completes (the lab's step fails on purpose)."""
+    job = cluster.run("01_Basics/hang_lab.slurm", "--time=3", args=["--scenario", "hang", "--timeout-s", "10"],
+                      env={"NPROC_PER_NODE": "2"}, timeout=240)  # fmt: skip
+    assert_ok(job)
+    assert "entered is #3 gloo:all_reduce" in job.log and "ended with an error, as planned" in job.log, job.log
+
+
 @pytest.fixture(scope="session")
 def ddp_reference(cluster):
     """ddp.slurm on one node, uninterrupted (also the reference of the requeue test)."""
