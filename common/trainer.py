@@ -240,8 +240,9 @@ def _train(run: Run, s: Strategy, task: Task | None) -> dict:
             save = cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0 and not last
             if not ((step + 1) % cfg.log_interval == 0 or step == start or evaluate or save or last):
                 continue
+            shown = hist.step  # the steps already counted on the progress bar
             signalled = window.flush(step, meter, task.evaluate()["val_loss"] if evaluate else None)
-            bar.update(step + 1 - bar.n)
+            bar.update(step + 1 - shown)
             if signalled:
                 path = s.checkpointer.save(run.out_dir, step + 1, hist.state(run, s))
                 bar.close()

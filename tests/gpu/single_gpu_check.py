@@ -399,7 +399,9 @@ def signal_at(step: int):
 
 
 def check_resume(ctx: Ctx) -> list[Row]:
-    fields, at = dict(precision="fp32", tf32=False, max_steps=6 if ctx.dry else 12), 2 if ctx.dry else 4
+    # log_interval 1: the trainer acts on a signal at the next log step (there every rank reads the step's stats)
+    fields = dict(precision="fp32", tf32=False, max_steps=6 if ctx.dry else 12, log_interval=1)
+    at = 2 if ctx.dry else 4
     straight, _ = train(ctx, "ddp", "straight", **fields)
     out = ctx.fresh("ddp-split")
     with signal_at(at):
