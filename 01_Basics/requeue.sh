@@ -4,7 +4,8 @@
 # the batch shell 300 s before the limit. The trap forwards it to every job step (the training processes
 # on all nodes save a checkpoint and exit); once the step has ended, the job requeues itself
 # (`#SBATCH --requeue`) and its next start resumes from the checkpoint (`--resume`; the out-dir contains
-# the job id, which a requeued job keeps). Returns the step's exit status.
+# the job id, which a requeued job keeps); a step that fails instead is not requeued. Returns the step's exit
+# status.
 # The step must not die of USR1 itself: torchrun ignores it (`trap "" USR1` before `exec torchrun`) and the
 # Python workers handle it (common/trainer.py).
 
@@ -20,9 +21,11 @@ run_requeueable() {
     kill -0 "$_step" 2>/dev/null || break
   done
   rc=0; wait "$_step" || rc=$?  # the step's own status (bash keeps it), not that of an interrupted wait
-  if [ "$_requeue" = 1 ]; then
+  if [ "$_requeue" = 1 ] && [ "$rc" = 0 ]; then
     echo "requeueing job $SLURM_JOB_ID to resume from the checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
+  elif [ "$_requeue" = 1 ]; then  # a failure is not a checkpoint: requeueing would fail again, and again
+    echo "USR1 came, but the training step failed (exit $rc): not requeueing; fix the error above and resubmit"
   fi
   return "$rc"
 }

@@ -47,3 +47,16 @@ def test_without_signal_the_step_status_is_returned_and_nothing_requeues(tmp_pat
     shell = batch_shell(tmp_path, "exit 3")
     assert shell.wait(timeout=30) == 3
     assert not (tmp_path / "calls").exists()
+
+
+def test_a_step_that_fails_after_usr1_is_not_requeued(tmp_path):
+    """USR1 arrives but the step fails (a real error, not a checkpoint): requeueing would loop forever."""
+    shell = batch_shell(tmp_path, STEP.replace("exit 0", "exit 5"))
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "step.pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    shell.send_signal(signal.SIGUSR1)
+    assert shell.wait(timeout=30) == 5, (tmp_path / "out").read_text()
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "scontrol requeue 42" not in calls and "not requeueing" in (tmp_path / "out").read_text(), calls
