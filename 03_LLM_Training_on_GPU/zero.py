@@ -60,6 +60,7 @@ from common.config import TrainConfig, UserError, doc  # noqa: E402
 from common.distributed import log  # noqa: E402
 from common.parallelize import apply_ac  # noqa: E402
 from common.trainer import Strategy, build_model, build_optimizer, run_main, setup, train  # noqa: E402
+from common.zero_memory import zero_grad_bytes, zero_memory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -104,44 +105,6 @@ class DeepSpeedCheckpointer:
         return client_state["trainer_state"]
 
 
-def held_bytes(tensors) -> int:
-    """Bytes these tensors cover, each byte once (DeepSpeed hands out views of its flat buffers)."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
-    total = end = 0
-    for start, stop in spans:
-        total, end = total + max(0, stop - max(start, end)), max(end, stop)
-    return total
-
-
-def zero_grad_bytes(zero) -> int:
-    """Gradient bytes this rank holds after a backward, before ``engine.step()`` frees them (measured in
-    DeepSpeed 0.19 with gradient accumulation): ZeRO-1 keeps the full ``param.grad`` until the last micro-batch,
-    then reduces once; ZeRO-2 reduce-scatters every micro-batch into its 1/N partition (``all_grad_tensors``,
-    ``averaged_gradients``); ZeRO-3 owns a 1/N ``grad_partitions_flat_buffer``. The reduce buckets
-    (``reduce_bucket_size`` elements, allocated during backward) are communication space, not counted."""
-    params = [p for g in getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", []) for p in g]
-    tensors = [getattr(p, a, None) for p in params for a in ("grad", "grad_accum")]
-    for holder in (getattr(zero, "averaged_gradients", None) or {}, getattr(zero, "all_grad_tensors", None) or {}):
-        tensors += [t for v in holder.values() for t in (v or [])]
-    tensors += [getattr(zero, "grads_in_partition", None), getattr(zero, "grad_partitions_flat_buffer", None)]
-    return held_bytes([t for t in tensors if torch.is_tensor(t)])
-
-
-def zero_memory(engine, grads: int) -> dict:
-    """Bytes this rank holds: its weights (a partition under ZeRO-3), the most gradient bytes it held after a
-    backward (``grads``, from zero_grad_bytes: ``engine.step()`` frees them), Adam moments of its partition and
-    its fp32 master weights."""
-    from common.metrics import memory_breakdown
-
-    zero = engine.optimizer
-    masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat",
-                                                                               [])
-    mem = memory_breakdown(engine.module, zero.optimizer)
-    mem["optim"] += sum(t.numel() * t.element_size() for t in masters)
-    mem["grads"] = grads
-    return mem
-
-
 def main(cfg: Config) -> dict:
     if not Path(cfg.ds_config).is_file():
         raise UserError(f"--ds-config {cfg.ds_config}: file not found (see 03_LLM_Training_on_GPU/ds_zero*.json)")
@@ -181,7 +144,7 @@ def main(cfg: Config) -> dict:
     def update(max_norm: float, bad_loss: torch.Tensor) -> tuple[float, bool]:
         """engine.step(): global-norm clipping (from the config), fp16 unscaling / overflow skip, the
         partitioned AdamW update, the all-gather of updated weights, zeroing the gradients. A non-finite
-        loss (every rank agrees) skips the update: the engine is stepped with its gradients zeroed."""
+        loss (every rank agrees) skips the update: its gradients are zeroed, the engine is not stepped."""
         if bool(bad_loss):  # DeepSpeed reads its norm on the host anyway
             engine.zero_grad()
             return math.nan, False

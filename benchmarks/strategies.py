@@ -8,7 +8,7 @@ Each row is a real ``torchrun`` of a chapter script; numbers come from its summa
 averaged over all steps but the first, MFU against the measured matmul peak (CPU, same thread count)
 or the data-sheet peak (GPU); weights, gradients and optimizer state (AdamW moments, ZeRO's fp32
 masters) of the most loaded rank, gradients counted after backward and before the optimizer step
-frees them (ZeRO: zero.py's zero_grad_bytes); peak = peak resident memory (CPU) or peak allocated
+frees them (ZeRO: common.zero_memory.zero_grad_bytes); peak = peak resident memory (CPU) or peak allocated
 GPU memory of the most loaded rank. Two micro-batches per rank (gradient accumulation), so ZeRO-1
 (full gradients until the last micro-batch) and ZeRO-2 (a reduce-scattered 1/N partition) differ.
 Writes a Markdown table (stdout and ``images/strategies_<device>.md``) and a bar chart

@@ -129,7 +129,7 @@ def test_zero_two_processes_match_one_process(runs, name):
 
 @needs_deepspeed
 def test_zero2_ranks_hold_half_the_gradients_of_zero1(runs):
-    """Gradient bytes after backward, before the step (zero.py's zero_grad_bytes), with 2 micro-batches per
+    """Gradient bytes after backward, before the step (common.zero_memory.zero_grad_bytes), with 2 micro-batches per
     rank: ZeRO-1 holds every gradient (the full ``param.grad`` until the last micro-batch), exactly as much
     as one process; ZeRO-2 only its reduce-scattered partition, 1/2 on 2 ranks."""
     d, reference = runs
