@@ -43,7 +43,6 @@ checkpoint is refused instead of run.
 """
 
 import json
-import math
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -142,15 +141,20 @@ def main(cfg: Config) -> dict:
             engine.step()
 
     def update(max_norm: float, bad_loss: torch.Tensor) -> tuple[float, bool]:
-        """engine.step(): global-norm clipping (from the config), fp16 unscaling / overflow skip, the
-        partitioned AdamW update, the all-gather of updated weights, zeroing the gradients. A non-finite
-        loss (every rank agrees) skips the update: its gradients are zeroed, the engine is not stepped."""
-        if bool(bad_loss):  # DeepSpeed reads its norm on the host anyway
-            engine.zero_grad()
-            return math.nan, False
+        """engine.step(): global-norm clipping (from the config), fp16 unscaling, the partitioned AdamW update,
+        the all-gather of updated weights, zeroing the gradients. A step with non-finite gradients (a NaN or
+        inf loss on any rank makes them so on every rank, through the reduction) is skipped by the engine
+        itself: its overflow check drops the step's gradient partitions and still counts the micro-batch.
+        Not calling ``engine.step()`` would leave both behind (stale partitions, the accumulation boundary one
+        micro-batch early from then on)."""
         engine.step()
-        norm = float(engine.get_global_grad_norm() or 0.0)
-        return norm, math.isfinite(norm)
+        stepped, bad = engine.was_step_applied(), bool(bad_loss)  # DeepSpeed reads its norm on the host anyway
+        if stepped and bad:
+            raise UserError("a non-finite loss left finite gradients and DeepSpeed applied the step; stopping: "
+                            "the weights may be damaged (resume from the last checkpoint with a lower --lr)")
+        # fp16: an overflow with a finite loss is the loss scaler's business (it lowers the scale), not a skip
+        applied = stepped or (engine.fp16_enabled() and not bad)
+        return float(engine.get_global_grad_norm() or 0.0), applied
 
     grads_held = [0]  # the most gradient bytes held after any backward (the memory report's "grads")
 

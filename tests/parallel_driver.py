@@ -3,10 +3,11 @@
     torchrun --standalone --nproc_per_node=2 tests/parallel_driver.py JOBS.json
 
 JOBS.json is a list of {"script": "pp" | "zero", "config": {TrainConfig fields, the script's own fields too},
-"rewind_to": step (optional)}. Each job's summary lands in its config's out_dir (rank 0 writes it).
-``rewind_to`` first trains with the job's config (checkpointing on the way), then points ``latest`` at the
-checkpoint of that step and trains again with ``resume=True``: the second summary goes to
-``<out_dir>/resumed.json``. Jobs run in order on every rank; one process group serves them all.
+"rewind_to": step (optional), "nan_at_step": step (optional)}. Each job's summary lands in its config's
+out_dir (rank 0 writes it). ``rewind_to`` first trains with the job's config (checkpointing on the way), then
+points ``latest`` at the checkpoint of that step and trains again with ``resume=True``: the second summary
+goes to ``<out_dir>/resumed.json``. ``nan_at_step`` makes rank 0's output NaN in that step (a loss spike,
+``testutil.nan_at_step``). Jobs run in order on every rank; one process group serves them all.
 """
 
 import json
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from testutil import load_script  # noqa: E402
+from testutil import load_script, nan_at_step  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.config import TrainConfig, make_config  # noqa: E402
@@ -27,6 +28,10 @@ def run_job(job: dict) -> None:
     module = load_script(f"03_LLM_Training_on_GPU/{job['script']}.py")
     cls = getattr(module, "Config", TrainConfig)
     cfg = make_config(cls, **job["config"])
+    if "nan_at_step" in job:
+        with nan_at_step(job["nan_at_step"]):
+            module.main(cfg)
+        return
     summary = module.main(cfg)
     if "rewind_to" in job:
         import torch.distributed as dist

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +31,33 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, env: dict 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+@contextmanager
+def nan_at_step(step: int, rank: int = 0):
+    """A loss spike on one rank: the model's output is NaN in the first micro-batch of training step ``step``
+    (0-based) on ``rank`` only, so its gradients are NaN too and the step must be skipped on every rank."""
+    import torch.distributed as dist
+
+    from common import model, trainer
+
+    real_step, real_forward = trainer.train_step, model.GPT.forward
+    now = {"step": -1, "poisoned": False}
+
+    def train_step(run, s, step_, *args, **kwargs):
+        now["step"] = step_
+        return real_step(run, s, step_, *args, **kwargs)
+
+    def forward(self, tokens):
+        out = real_forward(self, tokens)
+        here = dist.get_rank() if dist.is_initialized() else 0
+        if self.training and now["step"] == step and here == rank and not now["poisoned"]:
+            now["poisoned"] = True
+            return out * float("nan")
+        return out
+
+    trainer.train_step, model.GPT.forward = train_step, forward
+    try:
+        yield
+    finally:
+        trainer.train_step, model.GPT.forward = real_step, real_forward
