@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--log-interval", type=int, default=10)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="", help="write {'tokens_per_s': ...} here (rank 0)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (nanoGPT's default)")
     a = p.parse_args()
     torch.set_num_threads(1)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -87,6 +88,8 @@ def main() -> None:
     tokens = np.asarray(data.train)
     torch.manual_seed(1337)
     model = GPT(257, a.dim, a.layers, a.heads, a.seq_len)
+    if a.compile:
+        model = torch.compile(model)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model)
     decay = [q for q in model.parameters() if q.dim() >= 2]

@@ -1,6 +1,7 @@
 """CPU race against a nanoGPT-style trainer at the same dimensions (issue 13's benchmark, not a test).
 
-    python benchmarks/race.py --repeats 3          # prints a Markdown table
+    python benchmarks/race.py --repeats 3             # prints a Markdown table
+    python benchmarks/race.py --repeats 3 --compile   # both compiled (nanoGPT's own default is compile=True)
 
 Both train 4 layers of width 128 with 4 heads, sequence 128, global batch 16, fp32, one thread per
 process, on the same byte-level tokens of the embedded plays (``--vocab-size 257``), on 1 and on 2 gloo
@@ -27,20 +28,21 @@ def launch(nproc: int, script: str, args: list[str]) -> None:
                    **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}})
 
 
-def project(nproc: int, steps: int, out: Path, data_dir: str) -> dict:
+def project(nproc: int, steps: int, out: Path, data_dir: str, compile_: bool) -> dict:
     launch(nproc, "03_LLM_Training_on_GPU/ddp.py", [
         "--preset", "tiny", "--vocab-size", "257", "--seq-len", "128", "--batch-size", "16",
         "--micro-batch-size", str(16 // nproc), "--precision", "fp32", "--threads", "1", "--device", "cpu",
         "--max-steps", str(steps), "--eval-interval", "0", "--eval-batches", "1", "--sample-tokens", "0",
-        "--no-final-checkpoint", "--no-progress", "--data-dir", data_dir, "--out-dir", str(out), "--overwrite"])
+        "--no-final-checkpoint", "--no-progress", "--data-dir", data_dir, "--out-dir", str(out), "--overwrite"]
+        + (["--compile"] if compile_ else []))
     s = json.loads((out / "summary.json").read_text())
     return {"tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"]}
 
 
-def reference(nproc: int, steps: int, out: Path, data_dir: str) -> dict:
+def reference(nproc: int, steps: int, out: Path, data_dir: str, compile_: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    launch(nproc, "benchmarks/nanogpt_ref.py", ["--steps", str(steps), "--data-dir", data_dir,
-                                                "--out", str(out / "summary.json")])
+    launch(nproc, "benchmarks/nanogpt_ref.py", ["--steps", str(steps), "--data-dir", data_dir, "--out",
+                                                str(out / "summary.json")] + (["--compile"] if compile_ else []))
     return json.loads((out / "summary.json").read_text())
 
 
@@ -50,12 +52,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="runs/race")
+    p.add_argument("--compile", action="store_true", help="torch.compile both (the project per block, "
+                   "the reference the whole model, as nanoGPT does)")
     a = p.parse_args()
     res: dict = {}
     for r in range(a.repeats):
         for n in (1, 2):
             for name, fn in (("project", project), ("nanoGPT-style", reference)):
-                res.setdefault((name, n), []).append(fn(n, a.steps, Path(a.out) / f"{name}-{n}-{r}", a.data_dir))
+                out = Path(a.out) / f"{name}-{n}-{r}"
+                res.setdefault((name, n), []).append(fn(n, a.steps, out, a.data_dir, a.compile))
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in res.items()}
     mfu = {n: statistics.median(x["mfu"] for x in res[("project", n)]) for n in (1, 2)}
     print("| processes | project tok/s | nanoGPT-style tok/s | project / nanoGPT-style | project MFU |")
