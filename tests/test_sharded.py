@@ -2,7 +2,9 @@
 
 Two torchrun launches in all (tests/strategy_driver.py runs several trainings per launch):
 - 2 ranks: FSDP (checkpoint every 5 steps), FSDP resumed from step 5, FSDP with activation
-  checkpointing + CPU offload, TP, TP + sequence parallel + loss parallel, FSDP and TP in fp16 (2 steps);
+  checkpointing + CPU offload, TP, TP + sequence parallel + loss parallel, FSDP and TP in fp16 (2 steps),
+  FSDP and TP with a NaN output on rank 0 in one step (skipped on every rank, then == a 1-process run that
+  skipped the same step);
 - 4 ranks: FSDP x TP on a 2 x 2 mesh (+ SP + loss parallel), FSDP on 4 ranks (memory).
 Reference: ddp.py in this process (1 process = plain training), same seed, same global batch.
 
@@ -17,7 +19,7 @@ import time
 
 import pytest
 import torch
-from testutil import load_script, torchrun
+from testutil import assert_spike_skipped_like, load_script, nan_at_step, torchrun
 
 from common import checkpoint
 from common.config import TrainConfig, make_config
@@ -28,6 +30,7 @@ from common.model import GPT
 from common.trainer import loss_fn, padded_vocab
 
 CH = "03_LLM_Training_on_GPU"
+SPIKE = 3  # the step whose output is NaN on rank 0 (testutil.nan_at_step): a loss spike to be skipped
 COMMON = dict(preset="tiny", batch_size=8, micro_batch_size=2, seq_len=64, max_steps=10, log_interval=5,
               eval_interval=5, eval_batches=2, sample_tokens=0, progress=False, seed=7, threads=1)
 
@@ -43,6 +46,8 @@ def runs(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("sharded")
     ddp = load_script(f"{CH}/ddp.py")
     ref = ddp.main(make_config(**{**COMMON, "data_dir": str(data_dir), "out_dir": str(tmp / "ref")}))
+    with nan_at_step(SPIKE):
+        ddp.main(make_config(**{**COMMON, "data_dir": str(data_dir), "out_dir": str(tmp / "ref_spike")}))
     two = [
         plan_step("fsdp", "fsdp.py", tmp, data_dir, ckpt_interval=5),
         {"rewind": str(tmp / "fsdp"), "to": "step_000005"},
@@ -53,6 +58,8 @@ def runs(tmp_path_factory, data_dir):
         plan_step("tp_sp", "tp.py", tmp, data_dir, sequence_parallel=True, loss_parallel=True),
         plan_step("fsdp_fp16", "fsdp.py", tmp, data_dir, precision="fp16", max_steps=2),
         plan_step("tp_fp16", "tp.py", tmp, data_dir, precision="fp16", max_steps=2),
+        {**plan_step("fsdp_spike", "fsdp.py", tmp, data_dir), "nan_at_step": SPIKE},
+        {**plan_step("tp_spike", "tp.py", tmp, data_dir), "nan_at_step": SPIKE},
     ]
     four = [
         plan_step("fsdp_tp", "fsdp_tp.py", tmp, data_dir,
@@ -67,6 +74,14 @@ def runs(tmp_path_factory, data_dir):
               "; ".join(line[8:] for line in proc.stdout.splitlines() if line.startswith("driver: ")))
     out = {p["name"]: json.loads((tmp / f"{p['name']}.json").read_text()) for p in two + four if "name" in p}
     return {"ref": ref, "tmp": tmp, **out}
+
+
+@pytest.mark.parametrize("name", ["fsdp_spike", "tp_spike"])
+def test_a_loss_spike_is_skipped_on_every_rank_and_training_goes_on(runs, name):
+    """Rank 0's output is NaN in one step: the all-reduced loss makes every rank skip that update (fused
+    AdamW's ``found_inf`` on sharded DTensor parameters), and every later step matches 1-process training
+    that skipped the same step (1e-5, the straight runs' tolerance)."""
+    assert_spike_skipped_like(runs["tmp"] / "ref_spike", runs["tmp"] / name, SPIKE, COMMON["max_steps"], 1e-5)
 
 
 def max_diff(a, b):

@@ -61,3 +61,24 @@ def nan_at_step(step: int, rank: int = 0):
         yield
     finally:
         trainer.train_step, model.GPT.forward = real_step, real_forward
+
+
+def assert_spike_skipped_like(reference_dir: Path, run_dir: Path, spike: int, max_steps: int, loss_tol: float):
+    """Both runs' log.jsonl: only step ``spike`` (0-based, as given to ``nan_at_step``) skipped, every other
+    loss finite, and every later step equal to the reference's (loss within ``loss_tol``; gradient norm within
+    1e-3 relative: it is summed over shards or partitions in another order, 8e-5 relative measured with
+    ZeRO-2, while a misplaced accumulation boundary or a leaked NaN gradient is off by far more, or NaN)."""
+    import json
+
+    import pytest
+
+    logs = [[json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()] for d in (reference_dir, run_dir)]
+    for log in logs:
+        assert [r["step"] for r in log if r.get("skipped")] == [spike + 1], log  # logged 1-based
+        assert all(r["loss"] is not None for r in log if r["step"] != spike + 1)
+    ref, run = ({r["step"]: r for r in log} for log in logs)
+    assert sorted(ref) == sorted(run) == list(range(1, max_steps + 1))
+    for step in ref:
+        if step != spike + 1:
+            assert abs(ref[step]["loss"] - run[step]["loss"]) <= loss_tol, step
+            assert run[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-3), step
