@@ -55,9 +55,10 @@ def runs(tmp_path_factory, data_dir):
             if name == "zero3":
                 job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
             jobs.append(job)
-        zero2 = str(ROOT / "03_LLM_Training_on_GPU/ds_zero2.json")
-        jobs.append(dict(script="zero", nan_at_step=SPIKE,
-                         config={**base, "out_dir": str(d / "zero2-spike"), "ds_config": zero2}))
+        for stage in (1, 2, 3):
+            ds_config = str(ROOT / f"03_LLM_Training_on_GPU/ds_zero{stage}.json")
+            jobs.append(dict(script="zero", nan_at_step=SPIKE,
+                             config={**base, "out_dir": str(d / f"zero{stage}-spike"), "ds_config": ds_config}))
     (d / "jobs.json").write_text(json.dumps(jobs))
     torchrun(2, "tests/parallel_driver.py", str(d / "jobs.json"), timeout=900)
     return d, reference
@@ -135,10 +136,11 @@ def test_zero_two_processes_match_one_process(runs, name):
             assert mem["params"] <= 0.8 * reference["memory_per_rank"][0]["params"]
 
 
-@pytest.mark.parametrize("name", ["pp-spike", pytest.param("zero2-spike", marks=needs_deepspeed)])
+@pytest.mark.parametrize("name", ["pp-spike"] + [pytest.param(f"zero{k}-spike", marks=needs_deepspeed)
+                                                  for k in (1, 2, 3)])
 def test_a_loss_spike_is_skipped_and_training_goes_on_like_one_process(runs, name):
-    """Rank 0's output is NaN in one step (the first stage under PP; under ZeRO-2 one of 2 micro-batches per
-    rank): every rank skips that update, and every later step matches 1-process training that skipped the
+    """Rank 0's output is NaN in one step (the first stage under PP; under ZeRO-1/2/3 one of 2 micro-batches
+    per rank): every rank skips that update, and every later step matches 1-process training that skipped the
     same step (FP32_TOL, as for the straight runs). For ZeRO the step's gradient partitions must be dropped
     and DeepSpeed must keep counting micro-batches: the skip used to bypass ``engine.step()``, and the
     accumulation boundary then fell one micro-batch early in every later step (losses 0.05 off)."""
