@@ -13,8 +13,8 @@ thread per process), four kinds of run, alternating, medians of the repeats:
 
 (3) / (1) is the scaling the target asks for (>= 1.95x); (2) x 2 is its ceiling on this machine (a rank's
 smaller matmuls are no less efficient, so it is about 2x (1)); (4) vs (3) is what the gradient all-reduce
-costs; (2) x 2 vs (4) what sharing the machine costs (memory bandwidth, the per-step loss all-reduce,
-DDP's bookkeeping).
+costs; (2) x 2 vs (4) what running as one job costs (the ranks wait for each other every step, the
+per-step loss all-reduce, DDP's hooks). Measured results: docs/toolkit.md.
 """
 
 import argparse
