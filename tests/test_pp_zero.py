@@ -55,6 +55,9 @@ def runs(tmp_path_factory, data_dir):
             if name == "zero3":
                 job.update(rewind_to=5, config={**job["config"], "ckpt_interval": 5})
             jobs.append(job)
+        zero2 = str(ROOT / "03_LLM_Training_on_GPU/ds_zero2.json")
+        jobs.append(dict(script="zero", nan_loss_at_step=SPIKE,
+                         config={**base, "out_dir": str(d / "zero2-nan-loss"), "ds_config": zero2}))
         for stage in (1, 2, 3):
             ds_config = str(ROOT / f"03_LLM_Training_on_GPU/ds_zero{stage}.json")
             jobs.append(dict(script="zero", nan_at_step=SPIKE,
@@ -146,6 +149,16 @@ def test_a_loss_spike_is_skipped_and_training_goes_on_like_one_process(runs, nam
     accumulation boundary then fell one micro-batch early in every later step (losses 0.05 off)."""
     d, _ = runs
     assert_spike_skipped_like(d / "reference-spike", d / name, SPIKE, COMMON["max_steps"], FP32_TOL)
+
+
+@needs_deepspeed
+def test_zero_stops_when_deepspeed_applies_a_step_whose_loss_was_not_finite(runs):
+    """Only the reported loss is NaN (gradients finite): DeepSpeed's overflow check sees nothing and applies
+    the update, which the non-finite guard promised to skip; the run stops with one line instead."""
+    d, _ = runs
+    message = (d / "zero2-nan-loss" / "error.txt").read_text()
+    assert "non-finite loss left finite gradients and DeepSpeed applied the step" in message, message
+    assert "\n" not in message
 
 
 @needs_deepspeed

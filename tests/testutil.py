@@ -34,15 +34,24 @@ def torchrun(nproc: int, script: str, *args: str, timeout: int = 300, env: dict 
 
 
 @contextmanager
-def nan_at_step(step: int, rank: int = 0):
-    """A loss spike on one rank: the model's output is NaN in the first micro-batch of training step ``step``
-    (0-based) on ``rank`` only, so its gradients are NaN too and the step must be skipped on every rank."""
+def nan_at_step(step: int, rank: int = 0, where: str = "output"):
+    """A loss spike on one rank in training step ``step`` (0-based). ``where="output"``: the model's output is
+    NaN in the first micro-batch on ``rank`` only, so its gradients are NaN too and the step must be skipped
+    on every rank. ``where="loss"``: only the step's reported loss is NaN on ``rank``, the gradients stay
+    finite (an update a strategy must not apply without saying so)."""
     import torch.distributed as dist
 
-    from common import model, trainer
+    from common import model, strategy, trainer
 
-    real_step, real_forward = trainer.train_step, model.GPT.forward
+    real_step, real_forward, real_accumulate = trainer.train_step, model.GPT.forward, strategy.accumulate
     now = {"step": -1, "poisoned": False}
+
+    def hit() -> bool:
+        here = dist.get_rank() if dist.is_initialized() else 0
+        if now["step"] == step and here == rank and not now["poisoned"]:
+            now["poisoned"] = True
+            return True
+        return False
 
     def train_step(run, s, step_, *args, **kwargs):
         now["step"] = step_
@@ -50,17 +59,21 @@ def nan_at_step(step: int, rank: int = 0):
 
     def forward(self, tokens):
         out = real_forward(self, tokens)
-        here = dist.get_rank() if dist.is_initialized() else 0
-        if self.training and now["step"] == step and here == rank and not now["poisoned"]:
-            now["poisoned"] = True
-            return out * float("nan")
-        return out
+        return out * float("nan") if self.training and hit() else out
 
-    trainer.train_step, model.GPT.forward = train_step, forward
+    def accumulate(*args, **kwargs):
+        loss = real_accumulate(*args, **kwargs)
+        return loss * float("nan") if hit() else loss
+
+    trainer.train_step = train_step
+    if where == "output":
+        model.GPT.forward = forward
+    else:
+        strategy.accumulate = accumulate
     try:
         yield
     finally:
-        trainer.train_step, model.GPT.forward = real_step, real_forward
+        trainer.train_step, model.GPT.forward, strategy.accumulate = real_step, real_forward, real_accumulate
 
 
 def assert_spike_skipped_like(reference_dir: Path, run_dir: Path, spike: int, max_steps: int, loss_tol: float):
