@@ -28,13 +28,17 @@ def launch(nproc: int, script: str, args: list[str]) -> None:
                    **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}})
 
 
+def project_args(nproc: int, batch: int, steps: int, out: Path, data_dir: str) -> list[str]:
+    """ddp.py's flags for the race configuration (also benchmarks/scaling.py's)."""
+    return ["--preset", "tiny", "--vocab-size", "257", "--seq-len", "128", "--batch-size", str(batch),
+            "--micro-batch-size", str(batch // nproc), "--precision", "fp32", "--threads", "1", "--device", "cpu",
+            "--max-steps", str(steps), "--eval-interval", "0", "--eval-batches", "1", "--sample-tokens", "0",
+            "--no-final-checkpoint", "--no-progress", "--data-dir", data_dir, "--out-dir", str(out), "--overwrite"]
+
+
 def project(nproc: int, steps: int, out: Path, data_dir: str, compile_: bool) -> dict:
-    launch(nproc, "03_LLM_Training_on_GPU/ddp.py", [
-        "--preset", "tiny", "--vocab-size", "257", "--seq-len", "128", "--batch-size", "16",
-        "--micro-batch-size", str(16 // nproc), "--precision", "fp32", "--threads", "1", "--device", "cpu",
-        "--max-steps", str(steps), "--eval-interval", "0", "--eval-batches", "1", "--sample-tokens", "0",
-        "--no-final-checkpoint", "--no-progress", "--data-dir", data_dir, "--out-dir", str(out), "--overwrite"]
-        + (["--compile"] if compile_ else []))
+    launch(nproc, "03_LLM_Training_on_GPU/ddp.py",
+           project_args(nproc, 16, steps, out, data_dir) + (["--compile"] if compile_ else []))
     s = json.loads((out / "summary.json").read_text())
     return {"tokens_per_s": s["tokens_per_s"], "mfu": s["mfu"]}
 

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from race import launch  # noqa: E402
+from race import launch, project_args  # noqa: E402
 
 
 def no_grad_sync_worker() -> None:
@@ -55,10 +55,7 @@ def no_grad_sync_worker() -> None:
 
 
 def run(nproc: int, batch: int, out: Path, data_dir: str, no_sync: bool) -> float:
-    args = ["--preset", "tiny", "--vocab-size", "257", "--seq-len", "128", "--batch-size", str(batch),
-            "--micro-batch-size", str(batch // nproc), "--precision", "fp32", "--threads", "1", "--device", "cpu",
-            "--max-steps", "60", "--eval-interval", "0", "--eval-batches", "1", "--sample-tokens", "0",
-            "--no-final-checkpoint", "--no-progress", "--data-dir", data_dir, "--out-dir", str(out), "--overwrite"]
+    args = project_args(nproc, batch, 60, out, data_dir)
     if no_sync:
         launch(nproc, "benchmarks/scaling.py", ["--worker"] + args)
     else:

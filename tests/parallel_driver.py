@@ -14,7 +14,10 @@ runs. Jobs run in order on every rank; one process group serves them all.
 
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,9 +34,7 @@ def run_job(job: dict) -> None:
     module = load_script(f"03_LLM_Training_on_GPU/{job['script']}.py")
     cls = getattr(module, "Config", TrainConfig)
     cfg = make_config(cls, **job["config"])
-    if "nan_loss_at_step" in job:
-        import torch.distributed as dist
-
+    if "nan_loss_at_step" in job:  # expected to stop: record how
         try:
             with nan_at_step(job["nan_loss_at_step"], where="loss"):
                 module.main(cfg)
@@ -43,14 +44,9 @@ def run_job(job: dict) -> None:
         if dist.get_rank() == 0:
             (Path(cfg.out_dir) / "error.txt").write_text(message)
         return
-    if "nan_at_step" in job:
-        with nan_at_step(job["nan_at_step"]):
-            module.main(cfg)
-        return
-    summary = module.main(cfg)
+    with nan_at_step(job["nan_at_step"]) if "nan_at_step" in job else nullcontext():
+        summary = module.main(cfg)
     if "rewind_to" in job:
-        import torch.distributed as dist
-
         if dist.get_rank() == 0:
             (Path(cfg.out_dir) / "checkpoints" / "latest").write_text(f"step_{job['rewind_to']:06d}")
         dist.barrier()
